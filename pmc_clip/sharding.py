@@ -1,0 +1,830 @@
+"""make_shards: PMC-OA rows (JSONL/CSV) + figures -> webdataset `.tar` shards and a manifest.
+
+    python tools/make_shards.py --input pmc_oa.jsonl --images images.zip --output shards/
+
+Stages, in order:
+  1. read rows   -- JSONL or CSV, every row numbered (0-based record index);
+  2. plan        -- check caption and image path, derive a webdataset-safe key, pick the
+                    split by a stable hash of the article id, shuffle with --seed;
+  3. load        -- worker processes read and fully decode every figure (resize if asked);
+  4. write       -- the main process packs samples in plan order into shards; a shard
+                    closes at --shard-size samples or before --max-shard-bytes;
+  5. manifest    -- sizes.json (OpenCLIP's format), manifest.json, skipped.jsonl.
+
+Every row ends in exactly one shard or in skipped.jsonl with a reason.
+
+Resume: each finished shard gets a record in `<output>/_progress/` *after* the shard
+itself is in place (renamed or uploaded). Shard boundaries depend only on the input and
+the options, so a rerun after a crash continues after the last recorded shard and yields
+the same bytes as an uninterrupted run. A shard without its record is simply rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import fsspec
+import numpy as np
+from tqdm import tqdm
+
+from pmc_clip import storage
+from pmc_clip.figures import Figure, FigureError, FigureOptions, FigureReader
+
+MANIFEST_VERSION = 1
+PROGRESS_DIR = "_progress"
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_NAME_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
+# Fixed tar header fields, so a shard's bytes depend only on its samples.
+_TAR_MTIME = 0.0
+_TAR_USER = "pmc_clip"
+# Sizes the byte cap accounts for beyond payloads: a tar header per member, padding.
+_TAR_BLOCK = 512
+# How many rows one worker task carries: large enough to amortise the IPC round trip,
+# small enough that the in-flight window stays a few MB per worker.
+_ROWS_PER_TASK = 16
+_TASKS_IN_FLIGHT_PER_WORKER = 4
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    input: str
+    images: str
+    output: str
+    prefix: str = "pmc-oa"
+    img_key: str = "image"
+    caption_key: str = "caption"
+    csv_separator: str = ","
+    split: str | None = None
+    split_column: str = "split"
+    article_column: str = "pmcid"
+    split_fractions: tuple[tuple[str, float], ...] = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+    shard_size: int = 10_000
+    max_shard_bytes: int = 1 << 30
+    shuffle: bool = False
+    seed: int = 0
+    max_caption_chars: int = 100_000
+    figure: FigureOptions = field(default_factory=FigureOptions)
+    workers: int = 0
+    strict: bool = False
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1 sample, got {self.shard_size}")
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"--max-shard-bytes must be >= 1, got {self.max_shard_bytes}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 = in this process), got {self.workers}")
+        if not _NAME_SAFE.match(self.prefix):
+            raise ValueError(f"--prefix may use only letters, digits, '_' and '-': {self.prefix!r}")
+        names = [name for name, _ in self.split_fractions]
+        for name in [*names, *([self.split] if self.split else [])]:
+            if not _NAME_SAFE.match(name):
+                raise ValueError(f"split name {name!r}: use only letters, digits, '_' and '-'")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--split-fractions names a split twice: {names}")
+        fractions = [f for _, f in self.split_fractions]
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"--split-fractions must be >= 0 and sum to 1, got {fractions}")
+        quality = self.figure.jpeg_quality
+        if not 1 <= quality <= 95:
+            raise ValueError(f"--jpeg-quality must be in 1..95, got {quality}")
+        if self.figure.resize_max_side is not None and self.figure.resize_max_side < 1:
+            raise ValueError("--resize-max-side must be >= 1 pixel")
+        if self.max_caption_chars < 1:
+            raise ValueError("--max-caption-chars must be >= 1")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide the output bytes, redacted, for resume checks and the
+        manifest. Worker count and strictness do not change a finished shard."""
+        out = dataclasses.asdict(self)
+        for name in ("workers", "strict"):
+            out.pop(name)
+        for name in ("input", "images", "output"):
+            out[name] = storage.redact_url(out[name])
+        out["split_fractions"] = [list(pair) for pair in self.split_fractions]
+        return out
+
+
+def parse_split_fractions(text: str) -> tuple[tuple[str, float], ...]:
+    """'train=0.8,valid=0.1,test=0.1' -> (('train', 0.8), ...)."""
+    pairs = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((name.strip(), float(value)))
+        except ValueError:
+            raise ValueError(
+                f"--split-fractions: expected NAME=FRACTION[,NAME=FRACTION...], got {text!r}"
+            ) from None
+    return tuple(pairs)
+
+
+# --------------------------------------------------------------------------- 1. rows
+
+
+@dataclass(frozen=True)
+class Skip:
+    row: int
+    reason: str
+    detail: str
+    image: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"row": self.row, "image": self.image, "reason": self.reason, "detail": self.detail}
+
+
+def read_rows(url: str, csv_separator: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    """Yield (row number, record) for JSONL or CSV (chosen by extension), or a Skip for a
+    record that cannot be parsed. Text is decoded with surrogateescape so one bad byte
+    costs one row (flagged later), not the whole file."""
+    lower = url.lower()
+    if lower.endswith((".jsonl", ".json")):
+        yield from _read_jsonl(url)
+    elif lower.endswith((".csv", ".tsv")):
+        yield from _read_csv(url, csv_separator)
+    else:
+        raise ValueError(f"--input {storage.redact_url(url)}: expected a .jsonl or .csv file")
+
+
+def _read_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    with fsspec.open(url, "rt", encoding="utf-8", errors="surrogateescape") as f:
+        row = 0
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines are not records
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield row, Skip(row, "bad_record", f"line {line_number}: invalid JSON: {e}")
+            else:
+                if isinstance(record, dict):
+                    yield row, record
+                else:
+                    yield row, Skip(row, "bad_record", f"line {line_number}: not a JSON object")
+            row += 1
+
+
+def _read_csv(url: str, separator: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    with fsspec.open(url, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        for row, record in enumerate(reader):
+            if None in record or any(value is None for value in record.values()):
+                yield (
+                    row,
+                    Skip(row, "bad_record", f"line {reader.line_num}: wrong number of fields"),
+                )
+            else:
+                yield row, record
+
+
+# --------------------------------------------------------------------------- 2. plan
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    row: int
+    key: str
+    image: str
+    caption: str
+    split: str
+    article_id: str
+    extra: dict[str, Any]
+
+
+def safe_relative_path(path: str) -> str | None:
+    """The normalised relative path, or None if it is absolute or climbs out of the root."""
+    if "\\" in path or "\x00" in path:
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/") or not parts or ".." in parts or ":" in parts[0]:
+        return None
+    return "/".join(parts)
+
+
+def make_key(rel_path: str) -> str:
+    """webdataset splits a member name at its first dot and folders are not keys: keep
+    letters, digits, '_' and '-' (folders become '__'); drop the extension."""
+    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    return _KEY_UNSAFE.sub("_", stem.replace("/", "__"))
+
+
+def article_id_for(rel_path: str, record: dict[str, Any], article_column: str) -> str:
+    """The article a figure belongs to: the pmcid column when present, else the figure
+    name's prefix (PMC-OA names figures PMC<id>_<figure>_<subfigure>.jpg)."""
+    value = record.get(article_column)
+    if isinstance(value, (str, int)) and str(value).strip():
+        return str(value).strip()
+    name = rel_path.rsplit("/", 1)[-1]
+    return name.split("_", 1)[0].split(".", 1)[0]
+
+
+def split_for(article_id: str, fractions: Sequence[tuple[str, float]]) -> str:
+    """Stable across runs, machines and Python versions (sha256, not hash())."""
+    digest = hashlib.sha256(article_id.encode("utf-8", "surrogateescape")).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for name, fraction in fractions:
+        cumulative += fraction
+        if point < cumulative:
+            return name
+    return fractions[-1][0]
+
+
+def plan(
+    rows: Iterable[tuple[int, dict[str, Any] | Skip]], options: ShardOptions
+) -> tuple[dict[str, list[PlannedSample]], list[Skip], int]:
+    """Row-level checks and split assignment. Returns (samples per split, skips, rows read)."""
+    splits: dict[str, list[PlannedSample]] = collections.defaultdict(list)
+    skips: list[Skip] = []
+    seen_keys: dict[str, int] = {}
+    num_rows = 0
+    for row, record in rows:
+        num_rows += 1
+        checked = _plan_row(row, record, options, seen_keys)
+        if isinstance(checked, Skip):
+            if options.strict:
+                raise ValueError(_describe_skip(checked))
+            skips.append(checked)
+        else:
+            seen_keys[checked.key] = row
+            splits[checked.split].append(checked)
+    if options.shuffle:
+        for name in splits:
+            # PCG64 with a fixed seed gives the same permutation on every numpy version.
+            order = np.random.default_rng([options.seed, _stable_int(name)]).permutation(
+                len(splits[name])
+            )
+            splits[name] = [splits[name][i] for i in order]
+    return dict(splits), skips, num_rows
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def _plan_row(
+    row: int, record: dict[str, Any] | Skip, options: ShardOptions, seen_keys: dict[str, int]
+) -> PlannedSample | Skip:
+    if isinstance(record, Skip):
+        return record
+    image = record.get(options.img_key)
+    if not isinstance(image, str) or not image.strip():
+        return Skip(row, "missing_image_path", f"column {options.img_key!r} is empty or absent")
+    rel_path = safe_relative_path(image.strip())
+    if rel_path is None:
+        return Skip(row, "path_escapes_root", "absolute path or '..' in the image path", image)
+    if _has_surrogates(rel_path):
+        return Skip(row, "bad_record", "image path is not valid UTF-8", None)
+    caption = record.get(options.caption_key)
+    if not isinstance(caption, str):
+        kind = "absent" if caption is None else type(caption).__name__
+        return Skip(row, "caption_not_text", f"caption is {kind}", rel_path)
+    caption = caption.strip()
+    if not caption:
+        return Skip(row, "empty_caption", "caption is empty", rel_path)
+    if _has_surrogates(caption):
+        return Skip(row, "caption_not_utf8", "caption has bytes that are not UTF-8", rel_path)
+    if len(caption) > options.max_caption_chars:
+        detail = f"{len(caption)} characters > --max-caption-chars"
+        return Skip(row, "caption_too_long", detail, rel_path)
+    key = make_key(rel_path)
+    if key in seen_keys:
+        return Skip(
+            row, "duplicate_key", f"key {key!r} already used by row {seen_keys[key]}", image
+        )
+    article_id = article_id_for(rel_path, record, options.article_column)
+    if options.split is not None:
+        split = options.split
+    elif options.split_column in record:
+        split = str(record[options.split_column]).strip()
+        if not _NAME_SAFE.match(split):
+            return Skip(row, "bad_split", f"split {split!r} is not a plain name", rel_path)
+    else:
+        split = split_for(article_id, options.split_fractions)
+    used = {options.img_key, options.caption_key, options.split_column}
+    extra = {
+        name: value
+        for name, value in record.items()
+        if name not in used and not (isinstance(value, str) and _has_surrogates(value))
+    }
+    return PlannedSample(row, key, rel_path, caption, split, article_id, extra)
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _describe_skip(skip: Skip) -> str:
+    where = f"row {skip.row}" + (f" ({skip.image})" if skip.image else "")
+    return f"{where}: {skip.reason}: {skip.detail} (--strict stops at the first bad row)"
+
+
+# --------------------------------------------------------------------------- 3. load
+
+_worker_reader: FigureReader | None = None
+
+
+def _init_worker(images_url: str, figure_options: FigureOptions) -> None:
+    # The filesystem is created here, inside the worker, never inherited from the parent.
+    global _worker_reader
+    _worker_reader = FigureReader(images_url, figure_options)
+
+
+def _load_batch(rel_paths: list[str]) -> list[Figure | FigureError]:
+    assert _worker_reader is not None, "worker not initialised"
+    return [_worker_reader.read(path) for path in rel_paths]
+
+
+def load_figures(
+    samples: Sequence[PlannedSample], options: ShardOptions
+) -> Iterator[Figure | FigureError]:
+    """Figures for `samples`, in order. Workers run ahead by a bounded window, so memory
+    stays O(workers) however long the split is."""
+    if options.workers == 0:
+        _init_worker(options.images, options.figure)
+        for sample in samples:
+            yield from _load_batch([sample.image])
+        return
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        options.workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(options.images, options.figure),
+    ) as pool:
+        pending: collections.deque[Future[list[Figure | FigureError]]] = collections.deque()
+        batches = (
+            [s.image for s in samples[i : i + _ROWS_PER_TASK]]
+            for i in range(0, len(samples), _ROWS_PER_TASK)
+        )
+        for batch in batches:
+            pending.append(pool.submit(_load_batch, batch))
+            if len(pending) >= options.workers * _TASKS_IN_FLIGHT_PER_WORKER:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+# --------------------------------------------------------------------------- 4. write
+
+
+@dataclass
+class ShardRecord:
+    """What _progress/ and the manifest keep about one finished shard."""
+
+    name: str
+    split: str
+    index: int
+    count: int
+    bytes: int
+    sha256: str
+    start: int  # first plan position covered (samples and skips)
+    end: int  # one past the last plan position covered
+    skipped: list[dict[str, Any]]
+
+
+def shard_name(prefix: str, split: str, index: int) -> str:
+    return f"{prefix}-{split}-{index:06d}.tar"
+
+
+def sample_members(sample: PlannedSample, figure: Figure) -> dict[str, bytes | str]:
+    metadata = {
+        **sample.extra,
+        "key": sample.key,
+        "source_path": sample.image,
+        "row": sample.row,
+        "split": sample.split,
+        "article_id": sample.article_id,
+        "width": figure.width,
+        "height": figure.height,
+        "original_width": figure.original_width,
+        "original_height": figure.original_height,
+        "original_format": figure.original_format,
+        "reencoded": figure.reencoded,
+    }
+    return {
+        "__key__": sample.key,
+        figure.ext: figure.data,
+        "txt": sample.caption.encode("utf-8"),
+        "json": json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def _tar_bytes(members: dict[str, bytes | str]) -> int:
+    payload = [len(v) for k, v in members.items() if k != "__key__"]
+    return sum(_TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK for n in payload)
+
+
+class ShardWriterState:
+    """Packs samples into the current shard and closes it on the count or byte cap."""
+
+    def __init__(
+        self,
+        out_fs: fsspec.AbstractFileSystem,
+        out_root: str,
+        options: ShardOptions,
+        split: str,
+        index: int,
+        start: int,
+    ) -> None:
+        self.fs, self.root, self.options, self.split = out_fs, out_root, options, split
+        self.index, self.start = index, start
+        self.buffer = io.BytesIO()
+        self.members: list[dict[str, bytes | str]] = []
+        self.num_bytes = 0
+        self.skipped: list[dict[str, Any]] = []
+        self.finished: list[ShardRecord] = []
+
+    def add(self, position: int, members: dict[str, bytes | str]) -> None:
+        size = _tar_bytes(members)
+        if self.members and self.num_bytes + size > self.options.max_shard_bytes:
+            self.close(end=position)
+        self.members.append(members)
+        self.num_bytes += size
+        if len(self.members) == self.options.shard_size:
+            self.close(end=position + 1)
+
+    def close(self, end: int) -> None:
+        import webdataset as wds  # imports torch; only the main process needs it
+
+        name = shard_name(self.options.prefix, self.split, self.index)
+        dest = storage.join(self.root, name)
+        with storage.local_staging_file(self.fs, dest) as tmp:
+            with (
+                open(tmp, "wb") as f,
+                wds.TarWriter(f, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME) as tar,
+            ):
+                for members in self.members:
+                    tar.write(members)
+            num_bytes, sha256 = _file_digest(tmp)
+        record = ShardRecord(
+            name,
+            self.split,
+            self.index,
+            len(self.members),
+            num_bytes,
+            sha256,
+            self.start,
+            end,
+            self.skipped,
+        )
+        # Only now, with the shard in place, is it recorded as done.
+        _write_json(
+            self.fs,
+            storage.join(self.root, PROGRESS_DIR, name + ".json"),
+            dataclasses.asdict(record),
+        )
+        self.finished.append(record)
+        self.index, self.start = self.index + 1, end
+        self.members, self.num_bytes, self.skipped = [], 0, []
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    num_bytes = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            num_bytes += len(chunk)
+    return num_bytes, digest.hexdigest()
+
+
+def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False)
+    storage.write_bytes_atomic(fs, path, text.encode("utf-8"))
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    return json.loads(storage.read_bytes(fs, path))
+
+
+def write_split(
+    split: str,
+    samples: list[PlannedSample],
+    options: ShardOptions,
+    out_fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    done: list[ShardRecord],
+    progress: tqdm,
+) -> tuple[list[ShardRecord], list[dict[str, Any]]]:
+    """Write one split from where `done` (its finished shards, in order) left off.
+    Returns (all shard records, rows skipped after the last shard)."""
+    start = done[-1].end if done else 0
+    progress.update(start)
+    writer = ShardWriterState(out_fs, out_root, options, split, len(done), start)
+    figures = load_figures(samples[start:], options)
+    for position, (sample, figure) in enumerate(
+        zip(samples[start:], figures, strict=True), start=start
+    ):
+        if isinstance(figure, FigureError):
+            skip = Skip(sample.row, figure.reason, figure.detail, sample.image)
+            if options.strict:
+                raise ValueError(_describe_skip(skip))
+            writer.skipped.append(skip.to_json())
+        else:
+            writer.add(position, sample_members(sample, figure))
+        progress.update(1)
+    if writer.members:
+        writer.close(end=len(samples))
+    return done + writer.finished, writer.skipped
+
+
+# --------------------------------------------------------------------------- 5. manifest
+
+
+def _load_progress(
+    out_fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    options: ShardOptions,
+    samples_by_split: dict[str, list[PlannedSample]],
+) -> tuple[dict[str, list[ShardRecord]], dict[str, list[dict[str, Any]]]]:
+    """Finished shards per split (the contiguous prefix with records) and the trailing
+    skips of splits already complete. Refuses to resume over other options or input."""
+    splits = sorted(samples_by_split)
+    plan_digest = hashlib.sha256(
+        "".join(
+            f"{s.split}/{s.row}/{s.key}\n" for n in splits for s in samples_by_split[n]
+        ).encode()
+    ).hexdigest()
+    progress_root = storage.join(out_root, PROGRESS_DIR)
+    options_path = storage.join(progress_root, "options.json")
+    wanted = {**options.fingerprint(), "plan_sha256": plan_digest}
+    if out_fs.exists(options_path):
+        found = _read_json(out_fs, options_path)
+        if found != wanted:
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            raise ValueError(
+                f"--output {storage.redact_url(options.output)} holds shards made with other "
+                f"options or input ({', '.join(changed)}); rerun with the same options and "
+                "input to resume, or choose an empty --output"
+            )
+    else:
+        _write_json(out_fs, options_path, wanted)
+    done: dict[str, list[ShardRecord]] = {}
+    tails: dict[str, list[dict[str, Any]]] = {}
+    for split in splits:
+        records: list[ShardRecord] = []
+        while True:
+            path = storage.join(progress_root, shard_name(options.prefix, split, len(records)))
+            if not out_fs.exists(path + ".json"):
+                break
+            records.append(ShardRecord(**_read_json(out_fs, path + ".json")))
+        done[split] = records
+        tail_path = storage.join(progress_root, f"{split}.complete.json")
+        if out_fs.exists(tail_path):
+            tails[split] = _read_json(out_fs, tail_path)["skipped"]
+    return done, tails
+
+
+def build_manifest(
+    options: ShardOptions,
+    records: dict[str, list[ShardRecord]],
+    skips: list[dict[str, Any]],
+    num_rows: int,
+) -> dict[str, Any]:
+    shards = [r for split in sorted(records) for r in records[split]]
+    num_written = sum(r.count for r in shards)
+    by_reason = collections.Counter(s["reason"] for s in skips)
+    return {
+        "format_version": MANIFEST_VERSION,
+        "options": options.fingerprint(),
+        "shards": [
+            {
+                "name": r.name,
+                "split": r.split,
+                "count": r.count,
+                "bytes": r.bytes,
+                "sha256": r.sha256,
+            }
+            for r in shards
+        ],
+        "splits": {
+            split: {
+                "samples": sum(r.count for r in rs),
+                "shards": len(rs),
+                "bytes": sum(r.bytes for r in rs),
+                "pattern": _brace_pattern(options.prefix, split, len(rs)),
+            }
+            for split, rs in sorted(records.items())
+        },
+        "rows": {
+            "read": num_rows,
+            "written": num_written,
+            "skipped": len(skips),
+            "skipped_by_reason": dict(sorted(by_reason.items())),
+        },
+    }
+
+
+def _brace_pattern(prefix: str, split: str, num_shards: int) -> str:
+    if num_shards == 0:
+        return ""
+    return f"{prefix}-{split}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+
+
+def make_shards(options: ShardOptions) -> dict[str, Any]:
+    """Run every stage; return the manifest. Safe to rerun after a crash."""
+    options.validate()
+    started = time.monotonic()
+    out_fs, out_root = storage.url_to_fs(options.output)
+    if out_fs.isfile(out_root):
+        raise ValueError(f"--output {storage.redact_url(options.output)} is a file, not a folder")
+    try:
+        rows = list(read_rows(options.input, options.csv_separator))
+    except FileNotFoundError:
+        raise ValueError(f"--input {storage.redact_url(options.input)} does not exist") from None
+    samples_by_split, plan_skips, num_rows = plan(rows, options)
+    _check_image_root(options, samples_by_split)
+    split_names = sorted(samples_by_split)
+    _remove_stale_staging_files(out_fs, out_root)
+    done, tails = _load_progress(out_fs, out_root, options, samples_by_split)
+    num_total = sum(len(s) for s in samples_by_split.values())
+    records: dict[str, list[ShardRecord]] = {}
+    skips = [s.to_json() for s in plan_skips]
+    with tqdm(total=num_total, unit="img", desc="make_shards", disable=None) as progress:
+        for split in split_names:
+            if split in tails:
+                records[split] = done[split]
+                progress.update(len(samples_by_split[split]))
+            else:
+                records[split], tail = write_split(
+                    split,
+                    samples_by_split[split],
+                    options,
+                    out_fs,
+                    out_root,
+                    done[split],
+                    progress,
+                )
+                tails[split] = tail
+                _write_json(
+                    out_fs,
+                    storage.join(out_root, PROGRESS_DIR, f"{split}.complete.json"),
+                    {"skipped": tail},
+                )
+            skips += [s for r in records[split] for s in r.skipped] + tails[split]
+    skips.sort(key=lambda s: s["row"])
+    manifest = build_manifest(options, records, skips, num_rows)
+    counts = manifest["rows"]
+    assert counts["read"] == counts["written"] + counts["skipped"], counts
+    sizes = {r["name"]: r["count"] for r in manifest["shards"]}
+    _write_json(out_fs, storage.join(out_root, "sizes.json"), sizes)
+    skipped_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skips)
+    storage.write_bytes_atomic(
+        out_fs, storage.join(out_root, "skipped.jsonl"), skipped_text.encode("utf-8")
+    )
+    _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest)
+    _print_summary(manifest, time.monotonic() - started, num_total)
+    return manifest
+
+
+def _remove_stale_staging_files(out_fs: fsspec.AbstractFileSystem, out_root: str) -> None:
+    """A run killed with -9 leaves its half-written `.tmp-*` shard behind (local output
+    only: object stores never show a partial upload). Nothing else reads them."""
+    if storage.is_local(out_fs) and out_fs.isdir(out_root):
+        for path in out_fs.glob(storage.join(out_root, ".tmp-*")):
+            out_fs.rm_file(path)
+
+
+def _check_image_root(
+    options: ShardOptions, samples_by_split: dict[str, list[PlannedSample]]
+) -> None:
+    """Fail fast on a wrong --images (the commonest mistake: images.zip holds a folder),
+    instead of skipping 1.6M rows one by one as missing."""
+    probe = [s for samples in samples_by_split.values() for s in samples[:10]][:20]
+    if not probe:
+        return
+    try:
+        reader = FigureReader(options.images, options.figure)
+    except FileNotFoundError:
+        raise ValueError(f"--images {storage.redact_url(options.images)} does not exist") from None
+    if not any(reader.exists(s.image) for s in probe):
+        raise ValueError(
+            f"none of the first {len(probe)} images (e.g. {probe[0].image!r}) exist under "
+            f"--images {storage.redact_url(options.images)}; if they sit in a folder inside "
+            "a zip, name it: --images 'zip://FOLDER::images.zip'"
+        )
+
+
+def _print_summary(manifest: dict[str, Any], seconds: float, num_images: int) -> None:
+    rows = manifest["rows"]
+    print(
+        f"rows read {rows['read']}, written {rows['written']}, skipped {rows['skipped']}"
+        f" in {seconds:.1f} s ({num_images / max(seconds, 1e-9):.1f} images/s)",
+        file=sys.stderr,
+    )
+    for reason, count in rows["skipped_by_reason"].items():
+        print(f"  skipped {count:>8} {reason}", file=sys.stderr)
+    for split, info in manifest["splits"].items():
+        print(
+            f"  {split:>8}: {info['samples']} samples in {info['shards']} shards "
+            f"({info['bytes'] / 1e6:.1f} MB) {info['pattern']}",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_shards",
+        description="PMC-OA JSONL/CSV + figures -> webdataset shards with a manifest.",
+    )
+    p.add_argument("--input", required=True, help="pmc_oa.jsonl or a CSV (local or any URL)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="image root: folder, fsspec URL, images.zip, or zip://FOLDER::images.zip",
+    )
+    p.add_argument("--output", required=True, help="output folder or URL (e.g. s3://b/pmc-oa)")
+    p.add_argument("--prefix", default="pmc-oa", help="shard names: PREFIX-SPLIT-NNNNNN.tar")
+    p.add_argument("--csv-img-key", default="image")
+    p.add_argument("--csv-caption-key", default="caption")
+    p.add_argument("--csv-separator", default=",")
+    p.add_argument("--split", default=None, help="put every row in this split")
+    p.add_argument("--split-column", default="split", help="used when the input has it")
+    p.add_argument("--article-column", default="pmcid")
+    p.add_argument("--split-fractions", default="train=0.8,valid=0.1,test=0.1")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    p.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle rows within each split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resize-max-side", type=int, default=None)
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-image-pixels", type=int, default=FigureOptions.max_image_pixels)
+    p.add_argument("--max-image-bytes", type=int, default=FigureOptions.max_image_bytes)
+    p.add_argument("--max-caption-chars", type=int, default=100_000)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    return p
+
+
+def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
+    import os
+
+    args = build_parser().parse_args(argv)
+    return ShardOptions(
+        input=args.input,
+        images=args.images,
+        output=args.output,
+        prefix=args.prefix,
+        img_key=args.csv_img_key,
+        caption_key=args.csv_caption_key,
+        csv_separator=args.csv_separator,
+        split=args.split,
+        split_column=args.split_column,
+        article_column=args.article_column,
+        split_fractions=parse_split_fractions(args.split_fractions),
+        shard_size=args.shard_size,
+        max_shard_bytes=args.max_shard_bytes,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        max_caption_chars=args.max_caption_chars,
+        figure=FigureOptions(
+            resize_max_side=args.resize_max_side,
+            jpeg_quality=args.jpeg_quality,
+            max_image_pixels=args.max_image_pixels,
+            max_image_bytes=args.max_image_bytes,
+        ),
+        workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
+        strict=args.strict,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        options = options_from_args(argv)
+        manifest = make_shards(options)
+    except ValueError as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"rows": manifest["rows"], "splits": manifest["splits"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
