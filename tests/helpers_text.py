@@ -8,8 +8,13 @@ production.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformers import BertConfig, BertTokenizerFast
+import numpy as np
+import torch
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+from pmc_clip.tokenize import CaptionTokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
@@ -53,18 +58,34 @@ def build_tokenizer(directory: Path) -> BertTokenizerFast:
     return tokenizer
 
 
-def tiny_bert_config(
-    vocab_size: int, hidden_size: int = 64, context_length: int = 77
-) -> BertConfig:
-    """A 2-layer BERT small enough for CPU tests; dropout off so runs are deterministic."""
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden_size,
-        max_position_embeddings=context_length,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-    )
+def tiny_text_config(vocab_size: int, hidden_size: int = 64) -> dict[str, Any]:
+    """BertConfig kwargs of a 2-layer BERT for CPU tests; dropout off for determinism."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 4 * hidden_size,
+        "max_position_embeddings": 77,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pad_token_id": 0,
+    }
+
+
+def make_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    seed: int,
+    image_size: int = 64,
+    mlm_probability: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """A seeded batch as the data pipeline delivers it: images plus tokenized captions."""
+    rng = np.random.default_rng(seed)
+    caption_tokenizer = CaptionTokenizer(tokenizer, mlm_probability=mlm_probability)
+    captions = [CAPTIONS[i % (len(CAPTIONS) - 1)] for i in range(batch_size)]  # no empty one
+    samples = [caption_tokenizer(caption, rng) for caption in captions]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    generator = torch.Generator().manual_seed(seed)
+    batch["images"] = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    return batch
