@@ -28,8 +28,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -57,6 +59,7 @@ _TAR_BLOCK = 512
 # small enough that the in-flight window stays a few MB per worker.
 _ROWS_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 4
+_ORPHAN_CHECK_SECONDS = 0.5
 
 
 # --------------------------------------------------------------------------- options
@@ -347,10 +350,19 @@ def _describe_skip(skip: Skip) -> str:
 _worker_reader: FigureReader | None = None
 
 
-def _init_worker(images_url: str, figure_options: FigureOptions) -> None:
+def _init_worker(images_url: str, figure_options: FigureOptions, parent_pid: int) -> None:
     # The filesystem is created here, inside the worker, never inherited from the parent.
     global _worker_reader
     _worker_reader = FigureReader(images_url, figure_options)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A parent killed with -9 cannot stop its pool, and the workers would block forever
+    on a queue whose write end they themselves hold: leave once the parent is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(_ORPHAN_CHECK_SECONDS)
+    os._exit(1)
 
 
 def _load_batch(rel_paths: list[str]) -> list[Figure | FigureError]:
@@ -364,7 +376,8 @@ def load_figures(
     """Figures for `samples`, in order. Workers run ahead by a bounded window, so memory
     stays O(workers) however long the split is."""
     if options.workers == 0:
-        _init_worker(options.images, options.figure)
+        global _worker_reader
+        _worker_reader = FigureReader(options.images, options.figure)
         for sample in samples:
             yield from _load_batch([sample.image])
         return
@@ -373,7 +386,7 @@ def load_figures(
         options.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(options.images, options.figure),
+        initargs=(options.images, options.figure, os.getpid()),
     ) as pool:
         pending: collections.deque[Future[list[Figure | FigureError]]] = collections.deque()
         batches = (
@@ -784,8 +797,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
-    import os
-
     args = build_parser().parse_args(argv)
     return ShardOptions(
         input=args.input,

@@ -8,11 +8,21 @@ renamed; and URLs are redacted before they reach a log, a manifest or an error m
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import logging
 import os
 import posixpath
+import random
+import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -23,6 +33,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 # Query parameters that carry secrets in presigned or token-bearing URLs.
 _SECRET_QUERY_WORDS = ("key", "token", "secret", "signature", "credential", "sig", "password")
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def redact_url(url: str) -> str:
@@ -110,3 +122,242 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     data = fs.cat_file(path)
     assert isinstance(data, bytes)
     return data
+
+
+# --------------------------------------------------------------------------- shard reading
+#
+# webdataset 1.0.2 opens `s3://` with nothing and `gs://` with a `gsutil` subprocess. The
+# opener below reads any fsspec URL as a stream of range requests (a shard is never
+# downloaded whole first unless a cache folder is asked for), retries transient errors with
+# backoff, and resumes at the byte where a failed request stopped: a dropped connection
+# costs one retried request, not the shard, and no sample is read twice.
+
+
+class ShardReadError(OSError):
+    """A shard could not be read after every retry; the message carries a redacted URL."""
+
+
+@dataclass(frozen=True)
+class ShardReadOptions:
+    chunk_bytes: int = 16 * 1024 * 1024
+    max_attempts: int = 6
+    backoff_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    timeout_seconds: float = 60.0
+    cache_dir: str | None = None
+
+
+@dataclass
+class ShardReadCounters:
+    """What the opener did in this process; the data loader ships these to the trainer."""
+
+    shards_opened: int = 0
+    requests: int = 0
+    bytes_read: int = 0
+    retries: int = 0
+    shards_failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+# Errors that retrying cannot fix; everything else (connection reset, timeouts, 5xx,
+# throttling, truncated bodies) is treated as transient.
+_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Filesystems created in this process, keyed by pid: a filesystem inherited through fork
+# (s3fs holds an event loop and open sockets) is never used in the child.
+_FILESYSTEMS: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}
+
+
+def _fs_for_protocol(protocol: str, options: ShardReadOptions) -> fsspec.AbstractFileSystem:
+    key = (os.getpid(), protocol, repr(options))
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        storage_options: dict[str, Any] = {"skip_instance_cache": True}
+        if protocol in ("s3", "s3a"):
+            # One retry policy, ours: botocore's and s3fs's own retries would multiply
+            # attempts and hide them from the counters. Endpoint and credentials come from
+            # the usual AWS environment/config (AWS_ENDPOINT_URL_S3, profiles, IMDS).
+            timeout = options.timeout_seconds
+            storage_options |= {
+                "retries": 1,
+                "config_kwargs": {
+                    "retries": {"max_attempts": 1, "mode": "standard"},
+                    "connect_timeout": timeout,
+                    "read_timeout": timeout,
+                },
+            }
+        fs = fsspec.filesystem(protocol, **storage_options)
+        _FILESYSTEMS[key] = fs
+    return fs
+
+
+def _retrying(
+    what: str,
+    url: str,
+    options: ShardReadOptions,
+    counters: ShardReadCounters,
+    call: Callable[[], _T],
+) -> _T:
+    """Run `call`, retrying transient errors with exponential backoff and jitter."""
+    delay = options.backoff_seconds
+    for attempt in range(1, options.max_attempts + 1):
+        try:
+            counters.requests += 1
+            return call()
+        except _PERMANENT_ERRORS as exc:
+            raise ShardReadError(f"{what} {redact_url(url)}: {_describe(exc, url)}") from None
+        except Exception as exc:
+            if attempt == options.max_attempts:
+                raise ShardReadError(
+                    f"{what} {redact_url(url)} failed {attempt} times, last: {_describe(exc, url)}"
+                ) from None
+            counters.retries += 1
+            _log.info("retrying %s %s: %s", what, redact_url(url), _describe(exc, url))
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, options.backoff_max_seconds)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """An exception as text, with any copy of the raw URL replaced by its redacted form."""
+    return f"{type(exc).__name__}: {exc}".replace(url, redact_url(url))
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only stream over an fsspec file, fetched as retried range requests.
+
+    The next chunk is fetched by a background thread while the current one is parsed, so
+    a worker decodes while the network works. Reads are sequential (what tarfile's stream
+    mode does); the position only moves forward.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        options: ShardReadOptions,
+        counters: ShardReadCounters,
+    ) -> None:
+        super().__init__()
+        self.url, self.options, self.counters = url, options, counters
+        protocol, path = fsspec.core.split_protocol(url)
+        self._fs = _fs_for_protocol(protocol or "file", options)
+        self._path = self._fs._strip_protocol(path)
+        self.size_bytes: int = _retrying(
+            "stat", url, options, counters, lambda: int(self._fs.size(self._path))
+        )
+        self._buffer = memoryview(b"")
+        self._next_offset = 0  # first byte not yet fetched
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self._pending: Future[bytes] | None = None
+        self._failed: ShardReadError | None = None
+        self._prefetch()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        def call() -> bytes:
+            data = self._fs.cat_file(self._path, start=start, end=end)
+            if len(data) != end - start:  # a truncated body is a transient failure
+                raise ConnectionError(f"got {len(data)} of {end - start} bytes at {start}")
+            return bytes(data)
+
+        data = _retrying("read", self.url, self.options, self.counters, call)
+        self.counters.bytes_read += len(data)
+        return data
+
+    def _prefetch(self) -> None:
+        if self._next_offset < self.size_bytes:
+            start = self._next_offset
+            end = min(start + self.options.chunk_bytes, self.size_bytes)
+            self._pending = self._executor.submit(self._fetch, start, end)
+            self._next_offset = end
+        else:
+            self._pending = None
+
+    def readinto(self, out: Any) -> int:
+        if self._failed is not None:
+            raise self._failed
+        if not self._buffer:
+            if self._pending is None:
+                return 0  # end of the shard
+            try:
+                self._buffer = memoryview(self._pending.result())
+            except ShardReadError as exc:
+                # Counted once per shard; tarfile may call read again after the error.
+                self.counters.shards_failed += 1
+                self._failed = exc
+                raise
+            self._prefetch()
+        n = min(len(out), len(self._buffer))
+        out[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+
+def _copy_to_cache(url: str, options: ShardReadOptions, counters: ShardReadCounters) -> str:
+    """The shard as a local file under options.cache_dir, downloaded once (atomically)."""
+    assert options.cache_dir is not None
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    local_path = os.path.join(options.cache_dir, f"{digest}-{posixpath.basename(url)}")
+    if not os.path.exists(local_path):
+        os.makedirs(options.cache_dir, exist_ok=True)
+        reader = RangeReader(url, options, counters)
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=options.cache_dir)
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(reader, f, length=1 << 20)
+            os.replace(tmp, local_path)
+        finally:
+            reader.close()
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    return local_path
+
+
+def open_shard(url: str, options: ShardReadOptions, counters: ShardReadCounters) -> IO[bytes]:
+    """Open a shard for a sequential read: local path, `pipe:` command or fsspec URL."""
+    counters.shards_opened += 1
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol in (None, "file", "local"):
+        path = fsspec.core.strip_protocol(url) if protocol else url
+        try:
+            return open(path, "rb", buffering=1 << 20)
+        except OSError as exc:
+            counters.shards_failed += 1
+            raise ShardReadError(f"open {redact_url(url)}: {_describe(exc, url)}") from None
+    if protocol == "pipe":
+        import webdataset as wds  # torch-heavy import; only data-loading processes need it
+
+        return wds.gopen(url, "rb")
+    try:
+        if options.cache_dir is not None:
+            return open(_copy_to_cache(url, options, counters), "rb", buffering=1 << 20)
+        return io.BufferedReader(RangeReader(url, options, counters), buffer_size=1 << 20)
+    except ShardReadError:
+        counters.shards_failed += 1
+        raise
+
+
+def register_webdataset_opener(options: ShardReadOptions, counters: ShardReadCounters) -> None:
+    """Make webdataset's gopen (this process) read every URL scheme it does not handle
+    itself through fsspec, and s3:// / gs:// too (it has no s3 opener and shells out to
+    gsutil for gs). Local paths and `pipe:` stay with webdataset."""
+    import webdataset as wds
+
+    def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
+        if mode != "rb":
+            raise ValueError(f"{redact_url(url)}: shards are opened read-only, got mode {mode}")
+        return open_shard(url, options, counters)
+
+    for scheme in ("__default__", "s3", "s3a", "gs", "gcs"):
+        wds.gopen_schemes[scheme] = gopen_fsspec

@@ -371,6 +371,22 @@ def _cli(jsonl: Path, images: Path, out: str, *extra: str) -> list[str]:
     ]
 
 
+def _live_pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for child in _live_pids():
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.add(child)
+    return children
+
+
 def _tar_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
@@ -398,8 +414,12 @@ def test_rerun_after_kill_9_gives_identical_shards(tmp_path: Path) -> None:
             assert proc.poll() is None, "finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.005)
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        while workers & _live_pids():  # orphaned workers notice and leave
+            assert time.monotonic() < deadline, f"workers {workers} outlived their parent"
+            time.sleep(0.05)
         assert not (out / "manifest.json").exists()
         partial = len(list(out.glob("*.tar")))
         assert 0 < partial < num_shards
@@ -448,3 +468,45 @@ def test_tar_members_have_fixed_headers(tmp_path: Path) -> None:
         members = tar.getmembers()
     assert members and all(m.mtime == 0 and m.uname == "pmc_clip" for m in members)
     assert oct((tmp_path / "out" / "sizes.json").stat().st_mode & 0o777) != "0o600"
+
+
+def _inspect(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(REPO / "tools" / "inspect_shards.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_shards_verifies_and_refuses_escaping_members(tmp_path: Path) -> None:
+    jsonl, images = _dataset(tmp_path, num_articles=2)
+    out = tmp_path / "out"
+    manifest = _shard(out, input=str(jsonl), images=str(images), shard_size=4, split="train")
+    ok = _inspect(str(out), "--samples", "2", "--extract", str(tmp_path / "x"))
+    assert ok.returncode == 0, ok.stderr
+    assert f"verified {len(manifest['shards'])} shards: {len(manifest['shards'])} ok" in ok.stdout
+    assert len(list((tmp_path / "x").iterdir())) == 6  # 2 samples x (image, txt, json)
+    # One flipped byte in one shard: reported by name, exit code 1.
+    victim = out / manifest["shards"][1]["name"]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    bad = _inspect(str(out), "--samples", "0")
+    assert bad.returncode == 1 and f"BAD {victim.name}: sha256 differs" in bad.stdout
+    # A hostile shard whose member would escape the extraction folder.
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with tarfile.open(evil / "e-000000.tar", "w") as tar:
+        for name, payload in (("../escaped.txt", b"pwned"), ("k.txt", b"fine")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shard_bytes = (evil / "e-000000.tar").read_bytes()
+    entry = {
+        "name": "e-000000.tar",
+        "count": 1,
+        "bytes": len(shard_bytes),
+        "sha256": __import__("hashlib").sha256(shard_bytes).hexdigest(),
+    }
+    (evil / "manifest.json").write_text(json.dumps({"shards": [entry]}))
+    result = _inspect(str(evil), "--extract", str(evil / "x"))
+    assert result.returncode == 1 and "escapes the shard" in result.stdout
+    assert not (tmp_path / "escaped.txt").exists() and not (evil / "escaped.txt").exists()
+    assert [p.name for p in (evil / "x").iterdir()] == ["k.txt"]
