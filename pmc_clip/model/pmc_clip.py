@@ -88,12 +88,17 @@ class PMCClip(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute BERT and fusion blocks in backward (trades compute for activations)."""
-        if enable:
-            self.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        # transformers 5 renamed gradient_checkpointing_* (deprecated there, gone in 6);
+        # setup.cfg still allows transformers 4.
+        encoder = self.text_encoder
+        if enable and hasattr(encoder, "activation_checkpointing_enable"):
+            encoder.activation_checkpointing_enable({"use_reentrant": False})
+        elif enable:
+            encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        elif hasattr(encoder, "activation_checkpointing_disable"):
+            encoder.activation_checkpointing_disable()
         else:
-            self.text_encoder.gradient_checkpointing_disable()
+            encoder.gradient_checkpointing_disable()
         if self.fusion_module is not None:
             self.fusion_module.grad_checkpointing = enable
 
