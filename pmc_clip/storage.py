@@ -82,35 +82,50 @@ def join(base: str, *names: str) -> str:
     return posixpath.join(base, *names) if base else posixpath.join(*names)
 
 
-@contextmanager
-def local_staging_file(fs: fsspec.AbstractFileSystem, dest: str) -> Iterator[str]:
-    """Yield a local path to write; on success it becomes `dest` atomically.
+def staging_path(fs: fsspec.AbstractFileSystem, dest: str) -> str:
+    """A new local file to write `dest`'s content into before `publish` moves it there.
 
-    Local destination: a hidden temporary file in the same folder, then os.replace (atomic
-    on POSIX), so a reader never sees half a file and a crash leaves only a `.tmp-` file.
-    Remote destination: a local temporary file uploaded with one put; object stores make
-    an object visible only once its upload has completed.
+    Local destination: a hidden `.tmp-` file in the same folder (same filesystem, so the
+    rename in `publish` is atomic). Remote destination: a local temporary file.
     """
     if is_local(fs):
         folder = os.path.dirname(dest) or "."
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(dest)}-", dir=folder)
-        os.close(fd)
-        try:
-            yield tmp
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     else:
         fd, tmp = tempfile.mkstemp(prefix="pmc_clip-upload-")
-        os.close(fd)
-        try:
-            yield tmp
-            fs.put_file(tmp, dest)
-        finally:
-            os.unlink(tmp)
+    os.close(fd)
+    return tmp
+
+
+def publish(fs: fsspec.AbstractFileSystem, staged: str, dest: str) -> None:
+    """Make the staged file visible as `dest` all at once; the staged file is consumed.
+
+    Local: os.replace (atomic on POSIX), so a reader never sees half a file and a crash
+    leaves only a `.tmp-` file. Remote: one put; object stores show an object only once
+    its upload has completed.
+    """
+    try:
+        if is_local(fs):
+            os.chmod(staged, 0o666 & ~_UMASK)
+            os.replace(staged, dest)
+        else:
+            fs.put_file(staged, dest)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+
+
+@contextmanager
+def local_staging_file(fs: fsspec.AbstractFileSystem, dest: str) -> Iterator[str]:
+    """Yield a local path to write; on success it is published as `dest`."""
+    tmp = staging_path(fs, dest)
+    try:
+        yield tmp
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    publish(fs, tmp, dest)
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes) -> None:

@@ -1,0 +1,767 @@
+"""The streaming data pipeline: webdataset shards (local, s3:// or any fsspec URL, pipe:)
+into per-rank DataLoaders whose batches are dicts of tensors.
+
+    loader = build_train_loader(config.data, caption_tokenizer, rank, world_size, seed)
+    loader.set_epoch(epoch)            # or loader.load_state_dict(saved) on resume
+    for batch in loader:               # len(loader) batches, identical on every rank
+        batch["images"], batch["input_ids"], batch["attention_mask"], batch["keys"]
+    loader.meter.snapshot()            # samples/s, data-wait seconds, read/skip counters
+
+Inside every data-loader worker the stream is a webdataset DataPipeline of small stages:
+
+    shard_urls -> tarfile_to_samples -> keep_known_members -> shuffle (undecoded)
+      -> decode_and_transform (image, caption -> tokens; bad samples counted and dropped)
+      -> [exactly N samples per worker, minus those a resume skips] -> batch
+
+Equal batch counts (a rank that yields one batch fewer hangs DDP in its next all-reduce):
+every worker of every rank yields exactly `num_batches_per_worker` full batches per epoch,
+
+    num_batches_per_worker = num_samples // (batch_size * world_size * num_workers)
+
+so a rank yields `num_workers * num_batches_per_worker` batches (the DataLoader takes one
+batch from each worker in turn). What that costs:
+- the remainder of that division (< batch_size * world_size * num_workers samples) is
+  not seen in that epoch; a different part each epoch, as the shard order is reshuffled;
+- shards are whole units, so without resampling a worker's shards hold more or fewer
+  samples than its quota. Extra samples are left for that epoch; a worker that runs short
+  (smaller shards, bad samples, shards skipped after read errors) reads its own shards
+  again (a new "pass", with new crops) until its quota is full. With make_shards' equal
+  shard sizes that affects at most the worker holding the last, smaller shard;
+- with resampling the quota is simply where each worker's infinite stream is cut.
+A worker whose shards yield no sample at all in a whole pass raises RuntimeError instead
+of spinning: nothing can fill its quota.
+
+Shard order: without resampling, the shard list is shuffled with (seed, epoch), identical
+on all ranks, then split by rank (`shards[rank::world_size]`) then by worker. Fewer shards
+than ranks x workers is a ValueError at start-up. With resampling (`dataset_resampled`)
+each worker draws shards with replacement, shard probability proportional to its
+source's upsampling factor, from a generator seeded with (seed, epoch, rank, worker).
+
+Determinism and resume: every random choice has an explicit seed (shard order, shuffle
+buffer, per-sample crop and MLM mask from (seed, epoch, pass, sample key)), so an epoch's
+stream is a function of the config. `load_state_dict({"epoch", "step", ...})` positions
+the loader at a step: worker w of the new loader plays the role of worker
+(w + step) % num_workers of the interrupted one (so the round-robin order lines up) and
+drops the samples it had already delivered, after decoding them (a bad sample must be
+recognised to be skipped the same way). A resumed epoch yields exactly the batches the
+interrupted run would have yielded from that step on; the skip costs a decode of the
+delivered part of the epoch, divided over all ranks and workers.
+
+Security: only image members (jpg/jpeg/png/webp, opened with PIL restricted to those
+formats), `.txt` (strict UTF-8) and `.json` are kept; anything else in a shard (`.pyd`,
+`.pth`, `.npy`, ...) is dropped unread. Shard content is never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pmc_clip import storage, transforms
+from pmc_clip.config import DataConfig
+from pmc_clip.tokenize import CaptionTokenizer
+
+_log = logging.getLogger(__name__)
+
+SOURCE_SEPARATOR = "::"
+SIZE_FILES = ("sizes.json", "manifest.json")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+KEPT_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
+STATS_KEY = "_stats"  # worker counters riding along each batch; the loader pops them
+_WARN_FIRST = 10  # warnings logged per worker and kind before only every _WARN_EVERY-th
+_WARN_EVERY = 1000
+
+
+# --------------------------------------------------------------------------- shard specs
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One `::`-separated part of a shard spec."""
+
+    spec: str  # the pattern as given (may hold credentials: print redact_url(spec))
+    urls: tuple[str, ...]
+    weight: float
+    shard_sizes: dict[str, int] | None  # url -> samples, from the manifest; None: unknown
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.shard_sizes is None else sum(self.shard_sizes.values())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The resolved shard list of --train-data or --val-data."""
+
+    sources: tuple[ShardSource, ...]
+    num_samples: int  # per epoch (manifest sum, weighted by upsampling, or the override)
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for source in self.sources for url in source.urls]
+
+    @property
+    def weights(self) -> list[float]:
+        return [source.weight for source in self.sources for _ in source.urls]
+
+    def shard_size(self, url: str) -> int | None:
+        for source in self.sources:
+            if source.shard_sizes is not None and url in source.shard_sizes:
+                return source.shard_sizes[url]
+        return None
+
+
+def expand_spec(spec: str) -> list[list[str]]:
+    """Split a shard spec at `::` and brace-expand each source."""
+    sources = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
+    if not spec.strip() or any(not part for part in sources):
+        raise ValueError(f"empty shard source in {storage.redact_url(spec)!r}")
+    return [list(braceexpand.braceexpand(part)) for part in sources]
+
+
+def read_shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Samples per shard from the sizes.json (or manifest.json) next to the shards, read
+    through fsspec; None when a folder has neither (or the source is a `pipe:`)."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:"):
+            return None
+        by_folder.setdefault(posixpath.dirname(url), []).append(url)
+    sizes: dict[str, int] = {}
+    for folder, folder_urls in by_folder.items():
+        counts = _read_folder_sizes(folder)
+        if counts is None:
+            return None
+        for url in folder_urls:
+            name = posixpath.basename(url)
+            if name not in counts:
+                raise ValueError(
+                    f"{storage.redact_url(url)} is not listed in the sizes.json/manifest.json "
+                    f"of {storage.redact_url(folder or '.')}: the manifest belongs to other "
+                    "shards; regenerate it or pass --train-num-samples/--val-num-samples"
+                )
+            sizes[url] = counts[name]
+    return sizes
+
+
+def _read_folder_sizes(folder: str) -> dict[str, int] | None:
+    fs, root = storage.url_to_fs(folder or ".")
+    for name in SIZE_FILES:
+        path = storage.join(root, name)
+        try:
+            document = json.loads(storage.read_bytes(fs, path))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"cannot read {storage.redact_url(storage.join(folder, name))}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if name == "sizes.json":
+            return {str(k): int(v) for k, v in document.items()}
+        return {str(s["name"]): int(s["count"]) for s in document["shards"]}
+    return None
+
+
+def resolve_dataset(
+    spec: str,
+    num_samples_override: int | None,
+    weights: tuple[float, ...] | None = None,
+    flag: str = "--train-data",
+) -> Dataset:
+    """Expand `spec`, read its sizes, and fix the samples per epoch.
+
+    Per epoch: the override if given, else the sum over sources of
+    upsampling factor x samples in the source's manifest.
+    """
+    expanded = expand_spec(spec)
+    weights = weights or tuple(1.0 for _ in expanded)
+    assert len(weights) == len(expanded), (weights, len(expanded))
+    sources = []
+    for part, urls, weight in zip(spec.split(SOURCE_SEPARATOR), expanded, weights, strict=True):
+        sizes = None if num_samples_override is not None else read_shard_sizes(urls)
+        if sizes is None and num_samples_override is None:
+            raise ValueError(
+                f"{flag} source {storage.redact_url(part.strip())} has no sizes.json or "
+                f"manifest.json next to its shards, so its size is unknown: pass "
+                f"{flag.replace('-data', '-num-samples')} (samples per epoch)"
+            )
+        sources.append(ShardSource(part.strip(), tuple(urls), weight, sizes))
+    if num_samples_override is not None:
+        num_samples = num_samples_override
+    else:
+        num_samples = round(sum(s.weight * (s.num_samples or 0) for s in sources))
+    return Dataset(tuple(sources), num_samples)
+
+
+# --------------------------------------------------------------------------- epoch plan
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How many batches every worker and rank yields per epoch (the same for all)."""
+
+    batch_size: int
+    world_size: int
+    num_workers: int  # >= 1: 0 DataLoader workers means one stream in the main process
+    num_batches_per_worker: int
+
+    @property
+    def num_batches(self) -> int:
+        """Per rank and epoch."""
+        return self.num_batches_per_worker * self.num_workers
+
+    @property
+    def num_samples(self) -> int:
+        """Over all ranks, per epoch."""
+        return self.num_batches * self.batch_size * self.world_size
+
+
+def plan_train_epoch(
+    dataset: Dataset, batch_size: int, world_size: int, num_workers: int, resampled: bool
+) -> EpochPlan:
+    num_streams = max(1, num_workers)
+    num_slots = world_size * num_streams
+    num_shards = len(dataset.urls)
+    if not resampled and num_shards < num_slots:
+        raise ValueError(
+            f"--train-data has {num_shards} shards for {world_size} ranks x {num_streams} "
+            f"workers = {num_slots} readers: every reader needs at least one shard without "
+            "--dataset-resampled. Use --dataset-resampled, fewer --workers, or reshard with "
+            "a smaller --shard-size"
+        )
+    samples_per_round = batch_size * num_slots
+    num_batches_per_worker = dataset.num_samples // samples_per_round
+    if num_batches_per_worker < 1:
+        raise ValueError(
+            f"an epoch of {dataset.num_samples} samples is less than one batch per reader "
+            f"({batch_size} x {world_size} ranks x {num_streams} workers = "
+            f"{samples_per_round}): lower --batch-size or --workers"
+        )
+    return EpochPlan(batch_size, world_size, num_streams, num_batches_per_worker)
+
+
+def shards_for_reader(
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+) -> list[str]:
+    """Without resampling: shuffle with (seed, epoch), then split by rank, then by worker."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
+    shuffled = [urls[i] for i in order]
+    return shuffled[rank::world_size][worker::num_workers]
+
+
+def resampled_shards(
+    urls: list[str], weights: list[float], seed: int, epoch: int, rank: int, worker: int, rep: int
+) -> Iterator[str]:
+    """With resampling: len(urls) shards drawn with replacement, P(shard) ~ its weight."""
+    rng = np.random.default_rng([seed, epoch, rank, worker, rep])
+    probabilities = np.asarray(weights, dtype=np.float64)
+    probabilities /= probabilities.sum()
+    for index in rng.choice(len(urls), size=len(urls), p=probabilities):
+        yield urls[int(index)]
+
+
+def resume_skip_batches(step: int, worker: int, num_workers: int) -> int:
+    """Batches that (effective) worker `worker` delivered before global step `step`:
+    the steps t < step with t % num_workers == worker."""
+    return max(0, -(-(step - worker) // num_workers))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class WorkerCounters:
+    """One worker's counters for one epoch (shipped to the main process with each batch)."""
+
+    worker: int = 0
+    samples_read: int = 0
+    samples_bad: int = 0
+    samples_delivered: int = 0
+    samples_resume_skipped: int = 0
+    passes: int = 0
+    stream_errors: int = 0
+    read: storage.ShardReadCounters = dataclasses.field(default_factory=storage.ShardReadCounters)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "read"}
+        out |= {f"shard_{k}": v for k, v in self.read.as_dict().items()}
+        return out
+
+
+class _RateLimitedWarning:
+    def __init__(self, what: str) -> None:
+        self.what, self.count = what, 0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        if self.count <= _WARN_FIRST or self.count % _WARN_EVERY == 0:
+            _log.warning("%s #%d: %s", self.what, self.count, message)
+
+
+def _stream_error_handler(counters: WorkerCounters) -> Callable[[BaseException], bool]:
+    """webdataset handler: an unreadable shard or a broken tar is warned about, counted,
+    and skipped (the stream goes on with the next shard)."""
+    warn = _RateLimitedWarning("skipped shard data")
+
+    def handler(exc: BaseException) -> bool:
+        counters.stream_errors += 1
+        text = " ".join(str(arg) for arg in exc.args if isinstance(arg, str))
+        warn(f"{type(exc).__name__}: {storage.redact_url(text)}")
+        return True
+
+    return handler
+
+
+def shard_urls(urls: Iterable[str]) -> Callable[[], Iterator[dict[str, str]]]:
+    """The pipeline's source: the worker's shards, in order (lazy: resampled draws)."""
+    return lambda: ({"url": url} for url in urls)
+
+
+def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Drop every member that is not an image, caption or json (e.g. .pyd/.pth pickles)
+    before anything could decode it, and count the samples read."""
+    for sample in samples:
+        yield {k: v for k, v in sample.items() if k.startswith("__") or k in KEPT_EXTENSIONS}
+
+
+def _sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator:
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return np.random.default_rng([seed, epoch, rep, int.from_bytes(digest, "little")])
+
+
+@dataclass(frozen=True)
+class SampleProcessor:
+    """Undecoded sample -> {key, image uint8 [3,H,W], token tensors}, or None if bad."""
+
+    tokenizer: CaptionTokenizer
+    image_size: int
+    crop_scale: tuple[float, float] | None  # None: eval transform (centre crop)
+    seed: int
+    epoch: int
+
+    def __call__(self, sample: dict[str, Any], rep: int) -> dict[str, Any]:
+        key = sample["__key__"]
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image_ext is None:
+            raise ValueError("no image member")
+        if "txt" not in sample:
+            raise ValueError("no .txt caption member")
+        caption = sample["txt"].decode("utf-8")  # strict: a non-UTF-8 caption is bad
+        rng = _sample_rng(self.seed, self.epoch, rep, key)
+        with Image.open(io.BytesIO(sample[image_ext]), formats=PIL_FORMATS) as image:
+            if self.crop_scale is None:
+                pixels = transforms.eval_transform(image, self.image_size)
+            else:
+                pixels = transforms.train_transform(image, self.image_size, self.crop_scale, rng)
+        return {"key": key, "image": pixels, **self.tokenizer(caption, rng)}
+
+
+def decode_and_transform(
+    samples: Iterable[dict[str, Any]],
+    processor: SampleProcessor,
+    rep: int,
+    counters: WorkerCounters,
+) -> Iterator[dict[str, Any]]:
+    warn = _RateLimitedWarning("skipped bad sample")
+    for sample in samples:
+        counters.samples_read += 1
+        try:
+            yield processor(sample, rep)
+        except Exception as exc:  # any decode failure: PIL, UTF-8, truncation, bombs
+            counters.samples_bad += 1
+            url = storage.redact_url(str(sample.get("__url__", "?")))
+            warn(f"{sample.get('__key__')!r} in {url}: {type(exc).__name__}: {exc}")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "images": transforms.normalize_batch(torch.stack([s["image"] for s in samples])),
+        "keys": [s["key"] for s in samples],
+    }
+    for name in samples[0]:
+        if name not in ("image", "key"):
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+def _shuffle_rng(*seed_parts: int) -> random.Random:
+    return random.Random(int(np.random.SeedSequence(list(seed_parts)).generate_state(1)[0]))
+
+
+# --------------------------------------------------------------------------- worker stream
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker needs to produce its part of one epoch (plain, picklable data)."""
+
+    dataset: Dataset
+    config: DataConfig
+    tokenizer: CaptionTokenizer
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    train: bool
+    plan: EpochPlan | None  # train: the quota; eval: None (every sample once, last partial)
+    start_step: int = 0
+
+    @property
+    def read_options(self) -> storage.ShardReadOptions:
+        c = self.config
+        return storage.ShardReadOptions(
+            chunk_bytes=c.read_chunk_bytes,
+            max_attempts=c.read_max_attempts,
+            backoff_seconds=c.read_backoff_seconds,
+            backoff_max_seconds=c.read_backoff_max_seconds,
+            timeout_seconds=c.read_timeout_seconds,
+            cache_dir=c.cache_dir,
+        )
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream; each DataLoader worker iterates its own part of it."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = get_worker_info()
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if spec.plan is not None:
+            assert num_workers == spec.plan.num_workers, (num_workers, spec.plan)
+        # Rotate worker roles on resume so the DataLoader's round robin continues in order.
+        worker = (loader_worker + spec.start_step) % num_workers
+        counters = WorkerCounters(worker=worker)
+        # Filesystems are created lazily in this process (s3fs is not fork-safe).
+        storage.register_webdataset_opener(spec.read_options, counters.read)
+        samples = self._train_samples(worker, counters) if spec.train else None
+        if samples is None:
+            samples = self._eval_samples(worker, num_workers, counters)
+        batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
+        for batch in _batches(samples, batch_size, drop_partial=spec.train):
+            counters.samples_delivered += len(batch)
+            out = collate(batch)
+            out[STATS_KEY] = counters.as_dict()
+            yield out
+
+    def _pipeline(
+        self, urls: Iterable[str], worker: int, rep: int, counters: WorkerCounters
+    ) -> wds.DataPipeline:
+        spec = self.spec
+        processor = SampleProcessor(
+            spec.tokenizer,
+            spec.config.image_size,
+            spec.config.crop_scale if spec.train else None,
+            spec.seed,
+            spec.epoch,
+        )
+        handler = _stream_error_handler(counters)
+        stages: list[Any] = [
+            shard_urls(urls),
+            wds.tarfile_to_samples(handler=handler),
+            keep_known_members,
+        ]
+        if spec.train:
+            stages.append(
+                wds.shuffle(
+                    spec.config.shuffle_buffer_samples,
+                    spec.config.shuffle_initial_samples,
+                    rng=_shuffle_rng(spec.seed, spec.epoch, spec.rank, worker, rep),
+                )
+            )
+        stages.append(lambda src: decode_and_transform(src, processor, rep, counters))
+        return wds.DataPipeline(*stages)
+
+    def _train_samples(self, worker: int, counters: WorkerCounters) -> Iterator[dict[str, Any]]:
+        """Exactly the worker's quota of samples, minus those a resume skips."""
+        spec = self.spec
+        assert spec.plan is not None
+        quota = spec.plan.num_batches_per_worker * spec.plan.batch_size
+        skip = (
+            resume_skip_batches(spec.start_step, worker, spec.plan.num_workers)
+            * spec.plan.batch_size
+        )
+        urls = spec.dataset.urls
+        num_yielded = 0
+        for rep in range(1_000_000):
+            if spec.config.dataset_resampled:
+                rep_urls: Iterable[str] = resampled_shards(
+                    urls, spec.dataset.weights, spec.seed, spec.epoch, spec.rank, worker, rep
+                )
+            else:
+                rep_urls = shards_for_reader(
+                    urls, spec.seed, spec.epoch, spec.rank, spec.world_size, worker,
+                    spec.plan.num_workers,
+                )  # fmt: skip
+            counters.passes += 1
+            yielded_in_pass = 0
+            for sample in self._pipeline(rep_urls, worker, rep, counters):
+                yielded_in_pass += 1
+                num_yielded += 1
+                if num_yielded > skip:
+                    yield sample
+                else:
+                    counters.samples_resume_skipped += 1
+                if num_yielded == quota:
+                    return
+            if yielded_in_pass == 0:
+                raise RuntimeError(
+                    f"rank {spec.rank} data worker {worker}: a whole pass over its shards "
+                    f"gave no readable sample ({counters.stream_errors} shard errors, "
+                    f"{counters.samples_bad} bad samples); check the shards and the logs"
+                )
+        raise AssertionError("unreachable: every pass yields at least one sample")
+
+    def _eval_samples(
+        self, worker: int, num_workers: int, counters: WorkerCounters
+    ) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        rank_urls = spec.dataset.urls[spec.rank :: spec.world_size]
+        counters.passes += 1
+        yield from self._pipeline(rank_urls[worker::num_workers], worker, 0, counters)
+
+
+def _batches(
+    samples: Iterable[dict[str, Any]], batch_size: int, drop_partial: bool
+) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        # The train quota is a whole number of batches: a partial one is a bug.
+        assert not drop_partial, f"partial train batch of {len(batch)}"
+        yield batch
+
+
+# --------------------------------------------------------------------------- main process
+
+
+class ThroughputMeter:
+    """Samples/s and time the trainer waited for data, plus the workers' counters.
+
+    The trainer logs `snapshot()` and may `reset()` the window after each log line.
+    """
+
+    def __init__(self) -> None:
+        self.worker_counters: dict[int, dict[str, int]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.window_start = time.perf_counter()
+        self.num_samples = 0
+        self.num_batches = 0
+        self.data_wait_seconds = 0.0
+
+    def update(self, num_samples: int, wait_seconds: float, stats: dict[str, int]) -> None:
+        self.num_samples += num_samples
+        self.num_batches += 1
+        self.data_wait_seconds += wait_seconds
+        self.worker_counters[stats["worker"]] = stats
+
+    def totals(self) -> dict[str, int]:
+        """Worker counters summed over this rank's workers (this epoch)."""
+        out: dict[str, int] = {}
+        for stats in self.worker_counters.values():
+            for name, value in stats.items():
+                if name != "worker":
+                    out[name] = out.get(name, 0) + value
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        return {
+            "data/samples_per_second": self.num_samples / elapsed,
+            "data/wait_seconds": self.data_wait_seconds,
+            "data/wait_fraction": self.data_wait_seconds / elapsed,
+            **{f"data/{k}": float(v) for k, v in self.totals().items()},
+        }
+
+
+class _Loader:
+    """Iterates one epoch of a rank's stream through a DataLoader and meters it."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        self.step = spec.start_step
+        self.meter = ThroughputMeter()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = dataclasses.replace(self.spec, start_step=self.step)
+        if spec.plan is not None and self.step >= spec.plan.num_batches:
+            return  # epoch already complete
+        self.meter.worker_counters = {}
+        loader = DataLoader(
+            ShardStream(spec),
+            batch_size=None,  # batches are made inside the workers
+            num_workers=spec.config.num_workers,
+            pin_memory=spec.config.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=spec.config.prefetch_factor if spec.config.num_workers else None,
+            persistent_workers=False,
+        )
+        iterator = iter(loader)
+        while True:
+            wait_start = time.perf_counter()
+            try:
+                batch = next(iterator)  # blocks while no worker has a batch ready
+            except StopIteration:
+                break
+            stats = batch.pop(STATS_KEY)
+            self.meter.update(len(batch["keys"]), time.perf_counter() - wait_start, stats)
+            self.step += 1
+            yield batch
+
+
+class TrainLoader(_Loader):
+    """A rank's training loader: `len()` batches per epoch, the same on every rank.
+
+    Resumable: `state_dict()` is the position (epoch, batches delivered this epoch);
+    `load_state_dict()` continues there with the identical stream.
+    """
+
+    @property
+    def plan(self) -> EpochPlan:
+        assert self.spec.plan is not None
+        return self.spec.plan
+
+    @property
+    def epoch(self) -> int:
+        return self.spec.epoch
+
+    @property
+    def num_batches(self) -> int:
+        """Per epoch, for this rank (and every other)."""
+        return self.plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Per epoch, over all ranks."""
+        return self.plan.num_samples
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from super().__iter__()
+        assert self.step == self.num_batches, (self.step, self.plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.spec = dataclasses.replace(self.spec, epoch=epoch, start_step=0)
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.spec.epoch,
+            "step": self.step,
+            "seed": self.spec.seed,
+            "world_size": self.plan.world_size,
+            "num_workers": self.plan.num_workers,
+            "batch_size": self.plan.batch_size,
+            "num_batches": self.plan.num_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        changed = [
+            f"{name} {state.get(name)} -> {mine[name]}"
+            for name in ("seed", "world_size", "num_workers", "batch_size", "num_batches")
+            if state.get(name) != mine[name]
+        ]
+        if changed:
+            raise ValueError(
+                "cannot continue the data stream where it stopped: it was saved with other "
+                f"settings ({', '.join(changed)}). Resume with the same settings, or call "
+                "set_epoch(epoch + 1) to start the next epoch afresh"
+            )
+        if not 0 <= state["step"] <= mine["num_batches"]:
+            raise ValueError(f"saved step {state['step']} outside 0..{mine['num_batches']}")
+        self.spec = dataclasses.replace(self.spec, epoch=state["epoch"], start_step=state["step"])
+        self.step = state["step"]
+
+
+class EvalLoader(_Loader):
+    """Every val sample once across ranks; batch counts may differ between ranks."""
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the val set (manifest or --val-num-samples), over all ranks."""
+        return self.spec.dataset.num_samples
+
+    def rank_num_samples(self) -> int | None:
+        """Samples this rank will see (bad samples aside); None without a manifest."""
+        spec = self.spec
+        sizes = [
+            spec.dataset.shard_size(u) for u in spec.dataset.urls[spec.rank :: spec.world_size]
+        ]
+        return None if any(n is None for n in sizes) else sum(n or 0 for n in sizes)
+
+
+def build_train_loader(
+    config: DataConfig,
+    tokenizer: CaptionTokenizer,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int = 0,
+) -> TrainLoader:
+    """The training loader of one rank. Reads the manifests (fsspec) and checks the shard
+    count now, so a bad --train-data fails at start-up on every rank alike."""
+    if config.train_data is None:
+        raise ValueError("--train-data is required for training")
+    _check_rank(rank, world_size)
+    dataset = resolve_dataset(
+        config.train_data, config.train_num_samples, config.train_data_upsampling_factors
+    )
+    plan = plan_train_epoch(
+        dataset, config.batch_size, world_size, config.num_workers, config.dataset_resampled
+    )
+    spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, epoch, True, plan)
+    return TrainLoader(spec)
+
+
+def build_eval_loader(
+    config: DataConfig, tokenizer: CaptionTokenizer, rank: int, world_size: int, seed: int = 0
+) -> EvalLoader:
+    """Every val sample exactly once across ranks (shards split by rank, then worker), in
+    a fixed order, centre crops, last batch partial. Ranks may get different batch counts:
+    evaluation must not run a collective per batch."""
+    if config.val_data is None:
+        raise ValueError("--val-data is required for evaluation")
+    _check_rank(rank, world_size)
+    dataset = resolve_dataset(config.val_data, config.val_num_samples, flag="--val-data")
+    spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, 0, False, None)
+    return EvalLoader(spec)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")

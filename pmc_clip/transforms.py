@@ -1,0 +1,122 @@
+"""Image transforms for training and evaluation, run in the data-loader workers.
+
+Train: RandomResizedCrop (area fraction in `crop_scale`, aspect ratio 3/4..4/3, bicubic),
+as in CLIP/OpenCLIP and the PMC-CLIP paper (crop scale 0.5). Eval: resize the shorter side
+to `image_size`, then centre-crop. Both end as uint8 [3, H, W]; `normalize_batch` turns a
+stacked batch into float CLIP-normalised pixels once per batch (one vectorised op instead
+of one per sample).
+
+Randomness comes only from the `numpy.random.Generator` passed in (seeded per sample by
+the data pipeline from seed, epoch and the sample key), never from torch's or numpy's
+global state, so a resumed or re-sharded run crops every sample exactly as before.
+
+Crop parameters are drawn before the pixels are decoded (PIL reads the size from the
+header), so a JPEG much larger than the crop is decoded at a reduced scale (libjpeg's DCT
+scaling, `Image.draft`); the result is at least `image_size` on each side of the crop
+before the final bicubic resize, so it matches a full decode up to resampling detail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pmc_clip.config import CLIP_MEAN, CLIP_STD
+
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many times, then centres
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    rng: np.random.Generator,
+    ratio: tuple[float, float] = ASPECT_RATIO_RANGE,
+) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height): torchvision's RandomResizedCrop.get_params,
+    drawing from `rng` instead of torch's global generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return left, top, crop_width, crop_height
+    # Fallback to a central crop at the nearest allowed aspect ratio (torchvision's rule).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_width, crop_height = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        crop_width, crop_height = round(height * ratio[1]), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The largest centred square: resize-shorter-side then centre-crop, as one box."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def _draft(
+    image: Image.Image, box: tuple[int, int, int, int], out_size: int
+) -> tuple[float, float, float, float]:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop still gets >= out_size
+    pixels per side; returns the box in the (possibly) reduced image's coordinates."""
+    left, top, crop_width, crop_height = box
+    if image.format == "JPEG":
+        reduction = min(crop_width, crop_height) / out_size
+        if reduction >= 2:
+            wanted = (
+                math.ceil(image.width / reduction),
+                math.ceil(image.height / reduction),
+            )
+            full_width = image.width
+            image.draft("RGB", wanted)
+            factor = image.width / full_width
+            return (
+                left * factor,
+                top * factor,
+                (left + crop_width) * factor,
+                (top + crop_height) * factor,
+            )
+    return (left, top, left + crop_width, top + crop_height)
+
+
+def crop_to_tensor(
+    image: Image.Image, box: tuple[int, int, int, int], image_size: int
+) -> torch.Tensor:
+    """Decode `image` (opened, not yet loaded), crop `box`, resize to a square uint8
+    [3, image_size, image_size] tensor."""
+    scaled_box = _draft(image, box, image_size)
+    rgb = image.convert("RGB")  # decodes; palette/greyscale/alpha/CMYK all end as RGB
+    resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=scaled_box)
+    pixels = np.asarray(resized, dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def train_transform(
+    image: Image.Image, image_size: int, crop_scale: tuple[float, float], rng: np.random.Generator
+) -> torch.Tensor:
+    box = random_resized_crop_box(image.width, image.height, crop_scale, rng)
+    return crop_to_tensor(image, box, image_size)
+
+
+def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
+    return crop_to_tensor(image, center_crop_box(image.width, image.height), image_size)
+
+
+def normalize_batch(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 CLIP-normalised [B, 3, H, W]."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (images_uint8.float() - mean) / std
