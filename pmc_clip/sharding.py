@@ -26,7 +26,6 @@ import collections
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -34,10 +33,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
@@ -465,54 +464,82 @@ class ShardWriterState:
     ) -> None:
         self.fs, self.root, self.options, self.split = out_fs, out_root, options, split
         self.index, self.start = index, start
-        self.buffer = io.BytesIO()
-        self.members: list[dict[str, bytes | str]] = []
+        # The open shard: samples stream into a staged tar file as they come, so memory
+        # holds one sample, not one shard (up to --max-shard-bytes).
+        self._staged: str | None = None
+        self._file: BinaryIO | None = None
+        self._tar: Any = None
+        self.num_samples = 0
         self.num_bytes = 0
         self.skipped: list[dict[str, Any]] = []
         self.finished: list[ShardRecord] = []
+        # Publishing (rename, or upload to object storage) runs beside the packing of the
+        # next shard; one at a time keeps records in order and local disk use bounded.
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self._publishing: Future[None] | None = None
 
     def add(self, position: int, members: dict[str, bytes | str]) -> None:
         size = _tar_bytes(members)
-        if self.members and self.num_bytes + size > self.options.max_shard_bytes:
+        if self.num_samples and self.num_bytes + size > self.options.max_shard_bytes:
             self.close(end=position)
-        self.members.append(members)
+        if self._tar is None:
+            import webdataset as wds  # imports torch; only the main process needs it
+
+            self._staged = storage.staging_path(self.fs, self._dest())
+            self._file = open(self._staged, "wb")  # noqa: SIM115 -- closed in close()
+            self._tar = wds.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
+        self._tar.write(members)
+        self.num_samples += 1
         self.num_bytes += size
-        if len(self.members) == self.options.shard_size:
+        if self.num_samples == self.options.shard_size:
             self.close(end=position + 1)
 
-    def close(self, end: int) -> None:
-        import webdataset as wds  # imports torch; only the main process needs it
+    def _dest(self) -> str:
+        return storage.join(self.root, shard_name(self.options.prefix, self.split, self.index))
 
-        name = shard_name(self.options.prefix, self.split, self.index)
-        dest = storage.join(self.root, name)
-        with storage.local_staging_file(self.fs, dest) as tmp:
-            with (
-                open(tmp, "wb") as f,
-                wds.TarWriter(f, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME) as tar,
-            ):
-                for members in self.members:
-                    tar.write(members)
-            num_bytes, sha256 = _file_digest(tmp)
+    def close(self, end: int) -> None:
+        assert self._tar is not None and self._file is not None and self._staged is not None
+        self._tar.close()
+        self._file.close()
+        staged, dest = self._staged, self._dest()
+        num_bytes, sha256 = _file_digest(staged)
         record = ShardRecord(
-            name,
+            os.path.basename(dest),
             self.split,
             self.index,
-            len(self.members),
+            self.num_samples,
             num_bytes,
             sha256,
             self.start,
             end,
             self.skipped,
         )
-        # Only now, with the shard in place, is it recorded as done.
-        _write_json(
-            self.fs,
-            storage.join(self.root, PROGRESS_DIR, name + ".json"),
-            dataclasses.asdict(record),
-        )
+        self.wait()
+        self._publishing = self._publisher.submit(self._publish, staged, dest, record)
         self.finished.append(record)
         self.index, self.start = self.index + 1, end
-        self.members, self.num_bytes, self.skipped = [], 0, []
+        self._staged, self._file, self._tar = None, None, None
+        self.num_samples, self.num_bytes, self.skipped = 0, 0, []
+
+    def _publish(self, staged: str, dest: str, record: ShardRecord) -> None:
+        storage.publish(self.fs, staged, dest)
+        # Only now, with the shard in place, is it recorded as done.
+        progress_path = storage.join(self.root, PROGRESS_DIR, record.name + ".json")
+        _write_json(self.fs, progress_path, dataclasses.asdict(record))
+
+    def wait(self) -> None:
+        """Block until the last shard is published; re-raise its error if it failed."""
+        if self._publishing is not None:
+            self._publishing.result()
+            self._publishing = None
+
+    def shutdown(self) -> None:
+        """Wait for publishing; drop a shard left open by an error (it was never recorded)."""
+        self._publisher.shutdown(wait=True)
+        if self._tar is not None and self._file is not None and self._staged is not None:
+            self._tar.close()
+            self._file.close()
+            os.unlink(self._staged)
 
 
 def _file_digest(path: str) -> tuple[int, str]:
@@ -548,6 +575,20 @@ def write_split(
     start = done[-1].end if done else 0
     progress.update(start)
     writer = ShardWriterState(out_fs, out_root, options, split, len(done), start)
+    try:
+        return _fill_shards(writer, samples, start, options, progress, done)
+    finally:
+        writer.shutdown()
+
+
+def _fill_shards(
+    writer: ShardWriterState,
+    samples: list[PlannedSample],
+    start: int,
+    options: ShardOptions,
+    progress: tqdm,
+    done: list[ShardRecord],
+) -> tuple[list[ShardRecord], list[dict[str, Any]]]:
     figures = load_figures(samples[start:], options)
     for position, (sample, figure) in enumerate(
         zip(samples[start:], figures, strict=True), start=start
@@ -560,8 +601,9 @@ def write_split(
         else:
             writer.add(position, sample_members(sample, figure))
         progress.update(1)
-    if writer.members:
+    if writer.num_samples:
         writer.close(end=len(samples))
+    writer.wait()
     return done + writer.finished, writer.skipped
 
 
