@@ -164,20 +164,21 @@ def mlm_loss(
 
 
 class PMCClipLoss:
-    """total = clip_weight * contrastive + mlm_weight * MLM (MLM only when logits given)."""
+    """total = clip_weight * contrastive + mlm_weight * MLM (MLM only when logits given).
+
+    clip_loss: the contrastive loss with its rank, world size and group (the MLM loss
+    normalises over the same ranks); default: single process.
+    """
 
     def __init__(
         self,
-        rank: int = 0,
-        world_size: int = 1,
-        local_loss: bool = True,
-        group: dist.ProcessGroup | None = None,
+        clip_loss: ClipLoss | None = None,
         clip_weight: float = DEFAULT_CLIP_WEIGHT,
         mlm_weight: float = DEFAULT_MLM_WEIGHT,
     ) -> None:
         if clip_weight < 0 or mlm_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got {clip_weight}, {mlm_weight}")
-        self.clip_loss = ClipLoss(rank, world_size, local_loss, group)
+        self.clip_loss = clip_loss or ClipLoss()
         self.clip_weight = clip_weight
         self.mlm_weight = mlm_weight
 

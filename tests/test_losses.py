@@ -128,7 +128,8 @@ def _distributed_worker(rank: int, port: int, tokenizer_dir: str, out_dir: str) 
         shard = {key: value[rows] for key, value in batch.items()}
         results = {}
         for local_loss in (True, False):
-            loss_fn = PMCClipLoss(rank=rank, world_size=WORLD_SIZE, local_loss=local_loss)
+            clip_loss = ClipLoss(rank=rank, world_size=WORLD_SIZE, local_loss=local_loss)
+            loss_fn = PMCClipLoss(clip_loss)
             loss, grads = _loss_and_grads(model, shard, loss_fn)
             # What DDP does: average gradients (and, for logging, the loss) over ranks.
             dist.all_reduce(loss)
