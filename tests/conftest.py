@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -61,3 +62,123 @@ def s3_bucket(s3_endpoint: str) -> str:
     s3fs.S3FileSystem.clear_instance_cache()  # drop listings cached before the reset
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
     return f"s3://{S3_BUCKET}"
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the moto server that breaks a deterministic
+    subset of shard reads: every `fail_every`-th GET of a `.tar` object gets the next
+    action of `actions`, in turn:
+      "503"    -- an S3 `SlowDown` 503 (throttling),
+      "drop"   -- the status line, headers and half the body, then the connection closes,
+      "reset"  -- the connection closes before any response,
+      "stall"  -- nothing for `stall_seconds` (the client's read timeout must fire).
+    `always_fail` names objects (a path suffix) whose every GET gets a 503.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.fail_every = 0
+        self.actions: tuple[str, ...] = ("503",)
+        self.always_fail: tuple[str, ...] = ()
+        self.stall_seconds = 2.0
+        self.num_tar_gets = 0
+        self.faults: dict[str, int] = {}
+        self._lock = threading.Lock()
+        upstream_host = urlsplit(upstream).netloc
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # quiet
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                action = proxy._action(self.command, self.path)
+                if action == "reset":
+                    self.close_connection = True
+                    return
+                if action == "stall":
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                if action == "503":
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                connection = http.client.HTTPConnection(upstream_host, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    headers["Host"] = upstream_host
+                    connection.request(self.command, self.path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    data = response.read()
+                finally:
+                    connection.close()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if action == "drop":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _action(self, method: str, path: str) -> str | None:
+        object_path = path.split("?", 1)[0]
+        if method != "GET" or not object_path.endswith(".tar"):
+            return None
+        with self._lock:
+            if any(object_path.endswith(name) for name in self.always_fail):
+                self.faults["503"] = self.faults.get("503", 0) + 1
+                return "503"
+            self.num_tar_gets += 1
+            if not self.fail_every or self.num_tar_gets % self.fail_every:
+                return None
+            action = self.actions[(self.num_tar_gets // self.fail_every - 1) % len(self.actions)]
+            self.faults[action] = self.faults.get(action, 0) + 1
+            return action
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fault_proxy(
+    s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the moto server, made the S3 endpoint of this test (and of
+    the data-loader workers it forks). Injects nothing until configured."""
+    proxy = FaultProxy(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -1,0 +1,395 @@
+"""The data pipeline on local shards made by make_shards, with real DataLoader workers:
+exact epochs across ranks and workers, equal batch counts, seeded resampling, resume,
+bad samples, unsafe members, shard specs and manifests."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers_data import (
+    IMAGE_SIZE,
+    all_keys,
+    caption_tokenizer,
+    collect,
+    deadline,
+    keys_of,
+    make_figures,
+    same_batches,
+    write_shards,
+)
+from PIL import Image
+
+from pmc_clip import transforms
+from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
+from pmc_clip.data import (
+    build_eval_loader,
+    build_train_loader,
+    expand_spec,
+    resampled_shards,
+    resume_skip_batches,
+)
+from pmc_clip.tokenize import CaptionTokenizer
+
+NUM_ARTICLES = 40  # x 4 figures = 160 samples
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+    root: Path
+    pattern: str  # brace pattern of the shards
+    keys: frozenset[str]
+    num_shards: int
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return make_figures(tmp_path_factory.mktemp("figures"), NUM_ARTICLES)
+
+
+def _shards(figures: tuple[str, str], root: Path, shard_size: int) -> Shards:
+    manifest = write_shards(*figures, output=str(root), shard_size=shard_size)
+    split = manifest["splits"]["train"]
+    return Shards(
+        root,
+        str(root / split["pattern"]),
+        frozenset(all_keys(manifest, figures[0])),
+        split["shards"],
+    )
+
+
+@pytest.fixture(scope="module")
+def even(figures: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Shards:
+    """160 samples in 16 shards of 10."""
+    return _shards(figures, tmp_path_factory.mktemp("even"), 10)
+
+
+@pytest.fixture(scope="module")
+def uneven(figures: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Shards:
+    """160 samples in 23 shards: 22 of 7 and one of 6."""
+    return _shards(figures, tmp_path_factory.mktemp("uneven"), 7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> CaptionTokenizer:
+    return caption_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def config(train_data: str | None, **overrides: Any) -> DataConfig:
+    settings: dict[str, Any] = {
+        "train_data": train_data,
+        "batch_size": 8,
+        "num_workers": 2,
+        "prefetch_factor": 2,
+        "pin_memory": False,
+        "image_size": IMAGE_SIZE,
+        "shuffle_buffer_samples": 64,
+        "shuffle_initial_samples": 16,
+    }
+    return DataConfig(**(settings | overrides))
+
+
+def run_ranks(
+    cfg: DataConfig, tokenizer: CaptionTokenizer, world_size: int, seed: int = 0, epoch: int = 0
+) -> list[list[dict[str, Any]]]:
+    """One epoch of every rank (each rank's loader is built exactly as its process would:
+    rank and world size passed in)."""
+    out = []
+    for rank in range(world_size):
+        loader = build_train_loader(cfg, tokenizer, rank, world_size, seed=seed, epoch=epoch)
+        batches = collect(loader)
+        assert len(batches) == len(loader)
+        out.append(batches)
+    return out
+
+
+def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
+    even: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    ranks = run_ranks(config(even.pattern), tokenizer, world_size=2)
+    assert [len(batches) for batches in ranks] == [10, 10]  # 160 / (8 x 2 ranks)
+    delivered = [key for batches in ranks for key in keys_of(batches)]
+    assert len(delivered) == len(set(delivered)) == 160
+    assert set(delivered) == even.keys
+    batch = ranks[0][0]
+    assert batch["images"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["images"].dtype == torch.float32
+    assert batch["input_ids"].shape == batch["mlm_labels"].shape == (8, 16)
+    assert set(batch) == {
+        "images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "keys"
+    }  # fmt: skip
+    # Shards shuffled per epoch: the next epoch is the same set in another order.
+    next_epoch = run_ranks(config(even.pattern), tokenizer, world_size=2, epoch=1)
+    next_keys = [keys_of(batches) for batches in next_epoch]
+    assert set(next_keys[0]) | set(next_keys[1]) == even.keys
+    assert next_keys[0] != keys_of(ranks[0])
+
+
+def test_uneven_shards_give_every_rank_and_worker_the_same_batch_count(
+    uneven: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    cfg = config(uneven.pattern, batch_size=6)
+    for world_size in (2, 3):
+        ranks = run_ranks(cfg, tokenizer, world_size)
+        # 160 // (6 x world x 2 workers) batches per worker, 2 workers per rank
+        expected = 2 * (160 // (6 * world_size * 2))
+        assert [len(batches) for batches in ranks] == [expected] * world_size
+        assert all(len(batch["keys"]) == 6 for batches in ranks for batch in batches)
+        # Within a rank, the two workers alternate and deliver their quota exactly.
+        for batches in ranks:
+            assert len(set(keys_of(batches))) >= len(keys_of(batches)) - 6
+
+
+def test_too_few_shards_for_ranks_times_workers_is_a_startup_error(
+    even: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    with pytest.raises(ValueError, match=r"16 shards for 4 ranks x 8 workers.*--dataset-resampled"):
+        build_train_loader(config(even.pattern, num_workers=8), tokenizer, 0, 4, seed=0)
+    # Resampling draws shards with replacement, so it works with the same shards.
+    loader = build_train_loader(
+        config(even.pattern, num_workers=8, batch_size=2, dataset_resampled=True),
+        tokenizer, 0, 4, seed=0,
+    )  # fmt: skip
+    assert len(loader) == 8 * (160 // (2 * 4 * 8))
+    with pytest.raises(ValueError, match="less than one batch per reader"):
+        build_train_loader(config(even.pattern, batch_size=64), tokenizer, 0, 2, seed=0)
+
+
+def test_resampled_streams_are_seeded(even: Shards, tokenizer: CaptionTokenizer) -> None:
+    cfg = config(even.pattern, dataset_resampled=True)
+    first = run_ranks(cfg, tokenizer, world_size=2, seed=7)
+    again = run_ranks(cfg, tokenizer, world_size=2, seed=7)
+    other = run_ranks(cfg, tokenizer, world_size=2, seed=8)
+    for rank in range(2):
+        assert same_batches(first[rank], again[rank])
+        assert keys_of(first[rank]) != keys_of(other[rank])
+    assert [len(b) for b in first] == [len(b) for b in other] == [10, 10]
+    # Ranks draw differently from each other, and with replacement.
+    assert keys_of(first[0]) != keys_of(first[1])
+    next_epoch = run_ranks(cfg, tokenizer, world_size=2, seed=7, epoch=1)
+    assert keys_of(next_epoch[0]) != keys_of(first[0])
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_continues_the_stream_exactly(
+    even: Shards, tokenizer: CaptionTokenizer, resampled: bool
+) -> None:
+    cfg = config(even.pattern, dataset_resampled=resampled)
+    loader = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
+    full = collect(loader)
+    assert loader.state_dict()["step"] == len(full) == 10
+    for step in (3, 4):  # resume on either worker's turn
+        interrupted = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
+        head = []
+        with deadline(60):
+            for batch in interrupted:
+                head.append(batch)
+                if len(head) == step:
+                    break
+        state = interrupted.state_dict()
+        assert (state["epoch"], state["step"]) == (2, step)
+        resumed = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=0)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint holds it
+        rest = collect(resumed)
+        # Same keys, crops (pixels) and MLM masks as the uninterrupted epoch.
+        assert same_batches(head + rest, full)
+        assert resumed.state_dict()["step"] == 10
+        assert resumed.meter.totals()["samples_resume_skipped"] == step * 8
+    with pytest.raises(ValueError, match="world_size 2 -> 4"):
+        build_train_loader(cfg, tokenizer, 1, 4, seed=3).load_state_dict(state)
+
+
+def test_eval_loader_delivers_every_sample_once_with_a_partial_last_batch(
+    uneven: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    cfg = dataclasses.replace(config(None, val_data=uneven.pattern), val_batch_size=16)
+    delivered: list[str] = []
+    for rank in range(2):
+        loader = build_eval_loader(cfg, tokenizer, rank, 2)
+        batches = collect(loader)
+        assert loader.rank_num_samples() == sum(len(b["keys"]) for b in batches)
+        assert any(len(b["keys"]) < 16 for b in batches)
+        delivered += keys_of(batches)
+        # Eval: centre crops, the same each time.
+        assert same_batches(batches, collect(build_eval_loader(cfg, tokenizer, rank, 2)))
+    assert len(delivered) == 160 and set(delivered) == uneven.keys
+    assert loader.num_samples == 160
+
+
+def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            key = sample["__key__"].decode()
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(size: tuple[int, int] = (40, 30), colour: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class _Exploit:
+    """Unpickling this writes a file: proof that something unpickled shard content."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.marker, "unpickled!"))
+
+
+def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
+    tmp_path: Path, tokenizer: CaptionTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "unpickled.txt"
+    payload = pickle.dumps(_Exploit(marker))
+    good = [
+        {"__key__": f"good{i}".encode(), "jpg": _jpeg(), "txt": b"a red square"} for i in range(6)
+    ]
+    good[0] |= {"pyd": payload, "pth": payload, "pickle": payload}
+    bad = [
+        {"__key__": b"truncated", "jpg": _jpeg()[:100], "txt": b"cut"},
+        {"__key__": b"notutf8", "jpg": _jpeg(), "txt": b"\xff\xfe caption"},
+        {"__key__": b"noimage", "txt": b"caption only"},
+        {"__key__": b"pngasjpg", "jpg": b"GIF89a not an allowed format", "txt": b"x"},
+    ]
+    _write_tar(tmp_path / "mixed-0.tar", good[:3] + bad[:2])
+    _write_tar(tmp_path / "mixed-1.tar", good[3:] + bad[2:])
+    (tmp_path / "sizes.json").write_text(json.dumps({"mixed-0.tar": 5, "mixed-1.tar": 5}))
+    cfg = config(None, val_data=str(tmp_path / "mixed-{0..1}.tar"), num_workers=0)
+    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="pmc_clip.data"):
+        batches = collect(loader)
+    assert sorted(keys_of(batches)) == [f"good{i}" for i in range(6)]
+    totals = loader.meter.totals()
+    assert (totals["samples_read"], totals["samples_bad"], totals["samples_delivered"]) == (
+        10, 4, 6
+    )  # fmt: skip
+    assert not marker.exists()
+    assert "skipped bad sample" in caplog.text and "notutf8" in caplog.text
+
+
+def test_missing_manifest_needs_num_samples(
+    even: Shards, tmp_path: Path, tokenizer: CaptionTokenizer
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in even.root.glob("*.tar"):
+        (bare / tar.name).symlink_to(tar)
+    pattern = str(bare / Path(even.pattern).name)
+    with pytest.raises(ValueError, match=r"no sizes\.json or manifest\.json.*--train-num-samples"):
+        build_train_loader(config(pattern), tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(config(pattern, train_num_samples=64), tokenizer, 0, 1, seed=0)
+    assert len(loader) == 64 // (8 * 2) * 2
+    # manifest.json alone is enough (sizes.json is OpenCLIP's; ours has both).
+    (bare / "manifest.json").symlink_to(even.root / "manifest.json")
+    assert build_train_loader(config(pattern), tokenizer, 0, 1, seed=0).num_samples == 160
+
+
+def test_sources_joined_with_double_colon_weights_and_pipe(
+    even: Shards, uneven: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    spec = f"{even.pattern}::{uneven.pattern}"
+    assert [len(urls) for urls in expand_spec(spec)] == [16, 23]
+    loader = build_train_loader(config(spec), tokenizer, 0, 1, seed=0)
+    assert loader.num_samples == 320  # both manifests read
+    with pytest.raises(ValueError, match="needs --dataset-resampled"):
+        config(spec, train_data_upsampling_factors=(1.0, 3.0))
+    with pytest.raises(ValueError, match="2 '::'-joined"):
+        config(spec, train_data_upsampling_factors=(1.0,), dataset_resampled=True)
+    weighted = config(spec, train_data_upsampling_factors=(1.0, 3.0), dataset_resampled=True)
+    weighted_loader = build_train_loader(weighted, tokenizer, 0, 1, seed=0)
+    assert weighted_loader.spec.dataset.num_samples == 160 + 3 * 160
+    # A pipe: source has no manifest: its size must be given.
+    first, last = (f"{even.root}/pmc-oa-train-{i:06d}.tar" for i in (0, 15))
+    pipe = f"pipe:cat {first}::pipe:cat {last}"
+    with pytest.raises(ValueError, match="--train-num-samples"):
+        build_train_loader(config(pipe), tokenizer, 0, 1, seed=0)
+    pipe_loader = build_train_loader(
+        config(pipe, train_num_samples=20, batch_size=5), tokenizer, 0, 1, seed=0
+    )
+    assert len(set(keys_of(collect(pipe_loader)))) == 20
+
+
+def test_weighted_resampling_follows_the_upsampling_factors() -> None:
+    urls = [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+    weights = [1.0] * 10 + [3.0] * 10
+    draws = [
+        url
+        for rep in range(50)
+        for url in resampled_shards(urls, weights, seed=0, epoch=0, rank=0, worker=0, rep=rep)
+    ]
+    share_b = sum(url.startswith("b") for url in draws) / len(draws)
+    assert abs(share_b - 0.75) < 0.04  # 1000 draws
+    assert len(set(draws)) == 20  # with replacement, every shard drawn at some point
+    first = list(resampled_shards(urls, weights, seed=0, epoch=0, rank=0, worker=0, rep=0))
+    assert first == list(resampled_shards(urls, weights, 0, 0, 0, 0, 0))
+    assert first != list(resampled_shards(urls, weights, 0, 0, 0, 1, 0))  # another worker
+    assert first != list(resampled_shards(urls, weights, 0, 0, 1, 0, 0))  # another rank
+    assert first != list(resampled_shards(urls, weights, 0, 1, 0, 0, 0))  # another epoch
+
+
+def test_spec_and_config_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="empty shard source"):
+        expand_spec("a-{0..1}.tar::")
+    with pytest.raises(ValueError, match="--crop-scale"):
+        DataConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="--batch-size"):
+        DataConfig(batch_size=0)
+
+
+def test_resume_skip_counts_line_up_with_the_round_robin() -> None:
+    # Steps 0..6 with 3 workers: worker 0 served 0, 3, 6; worker 1: 1, 4; worker 2: 2, 5.
+    assert [resume_skip_batches(7, w, 3) for w in range(3)] == [3, 2, 2]
+    assert [resume_skip_batches(0, w, 3) for w in range(3)] == [0, 0, 0]
+    assert [resume_skip_batches(1, w, 3) for w in range(3)] == [1, 0, 0]
+
+
+def test_random_resized_crop_matches_torchvision_semantics() -> None:
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(500):
+        left, top, width, height = transforms.random_resized_crop_box(200, 100, (0.5, 1.0), rng)
+        assert left >= 0 and left + width <= 200 and top >= 0 and top + height <= 100
+        areas.append(width * height / 20_000)
+        ratio = width / height
+        assert 3 / 4 - 0.05 <= ratio <= 4 / 3 + 0.05 or (width, height) == (133, 100)
+    assert min(areas) >= 0.45 and max(areas) <= 1.0
+    a = transforms.random_resized_crop_box(64, 64, (0.5, 1.0), np.random.default_rng(5))
+    b = transforms.random_resized_crop_box(64, 64, (0.5, 1.0), np.random.default_rng(5))
+    assert a == b
+
+
+def test_draft_decode_matches_full_decode_and_normalisation() -> None:
+    # A smooth gradient: the DCT-scaled decode of a large JPEG must match the full one.
+    across, down = np.meshgrid(np.linspace(0, 255, 1024), np.linspace(0, 255, 768))
+    pixels = np.stack([across, down, np.full_like(across, 128.0)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    box = (100, 50, 700, 600)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        fast = transforms.crop_to_tensor(image, box, 64)
+        assert image.size[0] < 1024  # decoded at reduced scale
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        image.load()  # a loaded image is not drafted: full decode
+        full = transforms.crop_to_tensor(image, box, 64)
+    assert fast.shape == full.shape == (3, 64, 64) and fast.dtype == torch.uint8
+    assert (fast.float() - full.float()).abs().mean() < 3.0
+    normalized = transforms.normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    expected = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(normalized[0, :, 0, 0], expected)
