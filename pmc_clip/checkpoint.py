@@ -22,10 +22,13 @@ HTTP_SCHEMES = ("http", "https")
 
 # numpy>=2 pickles scalars via numpy._core; the released file (numpy 1.x) names the same
 # function numpy.core.multiarray.scalar, so both spellings are allowed.
-_NUMPY_SCALAR = np._core.multiarray.scalar  # type: ignore[attr-defined]
+try:
+    from numpy._core.multiarray import scalar as _numpy_scalar  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import scalar as _numpy_scalar  # type: ignore[no-redef]  # numpy 1
 NUMPY_SAFE_GLOBALS: list = [
-    _NUMPY_SCALAR,
-    (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),
+    _numpy_scalar,
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
     np.dtype,
     *(type(np.dtype(kind)) for kind in ("bool", "int32", "int64", "float32", "float64")),
 ]
