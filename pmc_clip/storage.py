@@ -176,34 +176,53 @@ class ShardReadCounters:
         return dataclasses.asdict(self)
 
 
-# Errors that retrying cannot fix; everything else (connection reset, timeouts, 5xx,
-# throttling, truncated bodies) is treated as transient.
-_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# Filesystems created in this process, keyed by pid: a filesystem inherited through fork
-# (s3fs holds an event loop and open sockets) is never used in the child.
-_FILESYSTEMS: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}
+# Errors that retrying cannot fix (a missing object, denied access, a wrong call);
+# everything else (connection reset, timeouts, 5xx, throttling, truncated bodies) is
+# treated as transient.
+_PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    NotImplementedError,
+)
 
 
-def _fs_for_protocol(protocol: str, options: ShardReadOptions) -> fsspec.AbstractFileSystem:
-    key = (os.getpid(), protocol, repr(options))
-    fs = _FILESYSTEMS.get(key)
-    if fs is None:
-        storage_options: dict[str, Any] = {"skip_instance_cache": True}
-        if protocol in ("s3", "s3a"):
-            # One retry policy, ours: botocore's and s3fs's own retries would multiply
-            # attempts and hide them from the counters. Endpoint and credentials come from
-            # the usual AWS environment/config (AWS_ENDPOINT_URL_S3, profiles, IMDS).
-            timeout = options.timeout_seconds
-            storage_options |= {
-                "retries": 1,
-                "config_kwargs": {
-                    "retries": {"max_attempts": 1, "mode": "standard"},
-                    "connect_timeout": timeout,
-                    "read_timeout": timeout,
-                },
-            }
-        fs = fsspec.filesystem(protocol, **storage_options)
-        _FILESYSTEMS[key] = fs
+class ShardFilesystems:
+    """The fsspec filesystems one data stream reads shards with, created on first use in
+    the process that reads (a filesystem inherited through fork -- s3fs holds an event
+    loop and open sockets -- is never used) and not shared with fsspec's instance cache,
+    so endpoint and credentials come from the environment at the stream's start."""
+
+    def __init__(self, options: ShardReadOptions) -> None:
+        self.options = options
+        self._by_protocol: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+
+    def get(self, protocol: str) -> fsspec.AbstractFileSystem:
+        key = (os.getpid(), protocol)
+        if key not in self._by_protocol:
+            self._by_protocol[key] = _new_filesystem(protocol, self.options)
+        return self._by_protocol[key]
+
+
+def _new_filesystem(protocol: str, options: ShardReadOptions) -> fsspec.AbstractFileSystem:
+    storage_options: dict[str, Any] = {"skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        # One retry policy, ours: botocore's and s3fs's own retries would multiply attempts
+        # and hide them from the counters. Endpoint and credentials come from the usual AWS
+        # environment and config (AWS_ENDPOINT_URL_S3, profiles, instance metadata).
+        timeout = options.timeout_seconds
+        storage_options["config_kwargs"] = {
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+        }
+    fs = fsspec.filesystem(protocol, **storage_options)
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
     return fs
 
 
@@ -250,16 +269,16 @@ class RangeReader(io.RawIOBase):
     def __init__(
         self,
         url: str,
-        options: ShardReadOptions,
+        filesystems: ShardFilesystems,
         counters: ShardReadCounters,
     ) -> None:
         super().__init__()
-        self.url, self.options, self.counters = url, options, counters
+        self.url, self.options, self.counters = url, filesystems.options, counters
         protocol, path = fsspec.core.split_protocol(url)
-        self._fs = _fs_for_protocol(protocol or "file", options)
+        self._fs = filesystems.get(protocol or "file")
         self._path = self._fs._strip_protocol(path)
         self.size_bytes: int = _retrying(
-            "stat", url, options, counters, lambda: int(self._fs.size(self._path))
+            "stat", url, self.options, counters, lambda: int(self._fs.size(self._path))
         )
         self._buffer = memoryview(b"")
         self._next_offset = 0  # first byte not yet fetched
@@ -318,14 +337,15 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def _copy_to_cache(url: str, options: ShardReadOptions, counters: ShardReadCounters) -> str:
-    """The shard as a local file under options.cache_dir, downloaded once (atomically)."""
+def _copy_to_cache(url: str, filesystems: ShardFilesystems, counters: ShardReadCounters) -> str:
+    """The shard as a local file under the cache folder, downloaded once (atomically)."""
+    options = filesystems.options
     assert options.cache_dir is not None
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     local_path = os.path.join(options.cache_dir, f"{digest}-{posixpath.basename(url)}")
     if not os.path.exists(local_path):
         os.makedirs(options.cache_dir, exist_ok=True)
-        reader = RangeReader(url, options, counters)
+        reader = RangeReader(url, filesystems, counters)
         tmp: str | None = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=options.cache_dir)
@@ -339,7 +359,7 @@ def _copy_to_cache(url: str, options: ShardReadOptions, counters: ShardReadCount
     return local_path
 
 
-def open_shard(url: str, options: ShardReadOptions, counters: ShardReadCounters) -> IO[bytes]:
+def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCounters) -> IO[bytes]:
     """Open a shard for a sequential read: local path, `pipe:` command or fsspec URL."""
     counters.shards_opened += 1
     protocol = fsspec.core.split_protocol(url)[0]
@@ -355,9 +375,9 @@ def open_shard(url: str, options: ShardReadOptions, counters: ShardReadCounters)
 
         return wds.gopen(url, "rb")
     try:
-        if options.cache_dir is not None:
-            return open(_copy_to_cache(url, options, counters), "rb", buffering=1 << 20)
-        return io.BufferedReader(RangeReader(url, options, counters), buffer_size=1 << 20)
+        if filesystems.options.cache_dir is not None:
+            return open(_copy_to_cache(url, filesystems, counters), "rb", buffering=1 << 20)
+        return io.BufferedReader(RangeReader(url, filesystems, counters), buffer_size=1 << 20)
     except ShardReadError:
         counters.shards_failed += 1
         raise
@@ -366,13 +386,16 @@ def open_shard(url: str, options: ShardReadOptions, counters: ShardReadCounters)
 def register_webdataset_opener(options: ShardReadOptions, counters: ShardReadCounters) -> None:
     """Make webdataset's gopen (this process) read every URL scheme it does not handle
     itself through fsspec, and s3:// / gs:// too (it has no s3 opener and shells out to
-    gsutil for gs). Local paths and `pipe:` stay with webdataset."""
+    gsutil for gs). Local paths and `pipe:` stay with webdataset. Call it where the
+    stream starts (in the data-loader worker): filesystems are created from then on."""
     import webdataset as wds
+
+    filesystems = ShardFilesystems(options)
 
     def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
         if mode != "rb":
             raise ValueError(f"{redact_url(url)}: shards are opened read-only, got mode {mode}")
-        return open_shard(url, options, counters)
+        return open_shard(url, filesystems, counters)
 
     for scheme in ("__default__", "s3", "s3a", "gs", "gcs"):
         wds.gopen_schemes[scheme] = gopen_fsspec
