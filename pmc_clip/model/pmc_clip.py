@@ -5,6 +5,8 @@ Forward (training):
     text_features  = normalize(BERT(input_ids)[:, 0] @ text_projection)     [B, E]
     mlm_logits     = fusion([BERT(mlm_input_ids), img_special_token,
                              image_features])[:, :L] @ mlm_projection       [B, L, V]
+(mlm_logits are raw scores; the original returned their log-softmax and used nll_loss,
+which equals cross_entropy on the raw scores.)
 
 Which caption feeds the contrastive text feature when MLM is on: the original PMC-CLIP
 encoded only the *masked* caption and used its [CLS] state both for the contrastive loss
