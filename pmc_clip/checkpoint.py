@@ -1,4 +1,4 @@
-"""Checkpoint I/O. For now: the compat loader for the released PMC-CLIP checkpoint.
+"""Checkpoint I/O: atomic training checkpoints, and the released PMC-CLIP checkpoint.
 
 The released `checkpoint.pt` (PMC_CLIP:beta) is a dict {epoch, name, state_dict,
 optimizer, scaler} saved from a DDP-wrapped model (keys may start with `module.`), with
@@ -9,12 +9,19 @@ runs while unpickling) plus an explicit allow-list of the numpy globals it needs
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
 import torch
+
+from pmc_clip import storage
+from pmc_clip.config import RELEASED_CHECKPOINT as RELEASED_CHECKPOINT_NAME
 
 DDP_PREFIX = "module."
 DROPPED_KEYS = ("text_encoder.embeddings.position_ids",)  # a buffer new transformers rejects
@@ -71,3 +78,110 @@ def load_pmc_clip_checkpoint(path_or_url: str) -> dict[str, torch.Tensor]:
         for key, value in state_dict.items()
         if key.removeprefix(DDP_PREFIX) not in DROPPED_KEYS
     }
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+CHECKPOINT_FORMAT = "pmc_clip/1"
+LATEST = "latest.json"
+
+
+def checkpoint_name(epoch: int, step: int, end_of_epoch: bool) -> str:
+    return f"epoch_{epoch}.pt" if end_of_epoch else f"step_{step}.pt"
+
+
+def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last: int) -> str:
+    """Write `state` as `directory/name`, then point `latest.json` at it; return its URL.
+
+    Atomic: the file is staged, hashed and published whole (rename, or one upload), its
+    sha256 goes into a sidecar `name.json`, and only then does `latest.json` move. A crash
+    at any point leaves `latest.json` on the previous, complete checkpoint. A failed write
+    (disk full, permissions) raises OSError naming the target; nothing is half-visible.
+    Step checkpoints beyond the `keep_last` newest are deleted; epoch checkpoints stay.
+    """
+    fs, root = storage.url_to_fs(directory)
+    fs.makedirs(root, exist_ok=True)
+    dest = storage.join(root, name)
+    staged = storage.staging_path(fs, dest)
+    try:
+        torch.save(state, staged)
+        digest, num_bytes = _sha256_file(staged)
+        storage.publish(fs, staged, dest)
+    except OSError as e:
+        if os.path.exists(staged):
+            os.unlink(staged)
+        raise OSError(
+            f"could not write checkpoint {storage.redact_url(directory)}/{name}: {e}; "
+            f"the previous checkpoint (see {LATEST}) is kept"
+        ) from e
+    info = {
+        "name": name,
+        "sha256": digest,
+        "bytes": num_bytes,
+        "epoch": state.get("epoch"),
+        "step": state.get("step"),
+    }
+    storage.write_bytes_atomic(fs, dest + ".json", json.dumps(info).encode())
+    storage.write_bytes_atomic(fs, storage.join(root, LATEST), json.dumps(info).encode())
+    _prune_step_checkpoints(fs, root, keep_last, keep=name)
+    return storage.join(directory, name)
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    num_bytes = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            num_bytes += len(chunk)
+    return digest.hexdigest(), num_bytes
+
+
+def _prune_step_checkpoints(
+    fs: fsspec.AbstractFileSystem, root: str, keep_last: int, keep: str
+) -> None:
+    names = [os.path.basename(p) for p in fs.glob(storage.join(root, "step_*.pt"))]
+    steps = sorted(names, key=lambda n: int(n[len("step_") : -len(".pt")]))
+    for old in steps[:-keep_last]:
+        if old != keep:
+            fs.rm_file(storage.join(root, old))
+            if fs.exists(storage.join(root, old + ".json")):
+                fs.rm_file(storage.join(root, old + ".json"))
+
+
+def resolve_latest(directory: str) -> str | None:
+    """URL of the checkpoint `latest.json` points at, or None if there is none yet."""
+    fs, root = storage.url_to_fs(directory)
+    pointer = storage.join(root, LATEST)
+    if not fs.exists(pointer):
+        return None
+    info = json.loads(storage.read_bytes(fs, pointer))
+    return storage.join(directory, info["name"])
+
+
+def load_checkpoint(path_or_url: str) -> dict[str, Any]:
+    """A training checkpoint, loaded with weights_only=True and checked against its
+    sha256 sidecar; a missing, partial or corrupt file is a ValueError naming it."""
+    where = storage.redact_url(path_or_url)
+    fs, path = storage.url_to_fs(path_or_url)
+    try:
+        data = storage.read_bytes(fs, path)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {where} does not exist") from None
+    if fs.exists(path + ".json"):
+        info = json.loads(storage.read_bytes(fs, path + ".json"))
+        if hashlib.sha256(data).hexdigest() != info["sha256"] or len(data) != info["bytes"]:
+            raise ValueError(
+                f"checkpoint {where} is corrupt or partial: its sha256/size differ from "
+                f"{os.path.basename(path)}.json (written when it was saved)"
+            )
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError variously
+        raise ValueError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{where} is not a pmc_clip training checkpoint (format {CHECKPOINT_FORMAT}); "
+            f"for the released PMC-CLIP weights use --resume {RELEASED_CHECKPOINT_NAME}"
+        )
+    return state

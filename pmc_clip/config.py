@@ -6,7 +6,12 @@ value fails at start-up, never in a data-loader worker an hour into a run.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
+
+from pmc_clip.storage import redact_url
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -97,3 +102,276 @@ class DataConfig:
     @property
     def eval_batch_size(self) -> int:
         return self.val_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # paper recipe
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 500
+    min_lr: float = 0.0
+    grad_clip_norm: float | None = None  # None: no clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--wd must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"--beta1/--beta2 must be in [0, 1), got {self.beta1} {self.beta2}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup must be >= 0 steps, got {self.warmup_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError(f"--grad-clip-norm must be > 0, got {self.grad_clip_norm}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build and how to run it (architecture files: pmc_clip/model/configs)."""
+
+    model: str = "RN50_fusion4"
+    # Pretrained BERT (hub id or local dir) for the text tower; None: random init.
+    text_encoder: str | None = None
+    # Tokenizer (hub id or local dir); None: the text encoder's, else PubMedBERT's.
+    tokenizer: str | None = None
+    mlm: bool = False
+    mlm_probability: float = 0.15
+    precision: str = "amp_bf16"
+    grad_checkpointing: bool = False
+    torch_compile: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+
+
+PRECISIONS = ("amp_bf16", "amp", "fp32")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clip_weight: float = 0.5
+    mlm_weight: float = 0.5
+    # Each rank computes its B x (B * world) logits against gathered features (with
+    # gradient). False: every rank builds the full (B * world)^2 logits.
+    local_loss: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    accum_freq: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    # Stop (with a checkpoint of the last good state) after this many non-finite steps
+    # in a row; isolated ones are skipped and counted.
+    max_consecutive_nonfinite: int = 20
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.accum_freq < 1:
+            raise ValueError(f"--accum-freq must be >= 1, got {self.accum_freq}")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError("--max-consecutive-nonfinite must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Folder or fsspec URL; None: <logs>/<name>/checkpoints.
+    checkpoint_dir: str | None = None
+    save_frequency: int = 1  # epochs; 0: only at the end
+    save_every_n_steps: int = 0  # 0: off
+    save_every_minutes: float = 0.0  # 0: off
+    keep_last: int = 3  # step checkpoints kept (epoch checkpoints are all kept)
+    # None (fresh), "latest" (this run's latest, or fresh if there is none), a path or
+    # URL, or "PMC_CLIP:beta" (the released weights from --pmc-clip-beta).
+    resume: str | None = None
+    pmc_clip_beta: str | None = None  # local path or URL of the released checkpoint.pt
+
+    def __post_init__(self) -> None:
+        if self.save_frequency < 0 or self.save_every_n_steps < 0 or self.save_every_minutes < 0:
+            raise ValueError("--save-frequency/--save-every-n-steps/--save-every-minutes >= 0")
+        if self.keep_last < 1:
+            raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
+        if self.resume == RELEASED_CHECKPOINT and not self.pmc_clip_beta:
+            raise ValueError(
+                f"--resume {RELEASED_CHECKPOINT} needs --pmc-clip-beta PATH_OR_URL of the released "
+                "checkpoint.pt (no hub download happens at run time)"
+            )
+
+
+RELEASED_CHECKPOINT = "PMC_CLIP:beta"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    val_frequency: int = 1  # epochs; 0: only at the end
+    test_2000: bool = False  # evaluate on 2,000 pairs drawn without replacement
+    test_2000_seed: int = 0
+    # Image-folder dataset (one folder per class) for zero-shot classification.
+    zeroshot_data: str | None = None
+    similarity_chunk_size: int = 4096  # queries per similarity block (memory bound)
+
+    def __post_init__(self) -> None:
+        if self.val_frequency < 0:
+            raise ValueError(f"--val-frequency must be >= 0, got {self.val_frequency}")
+        if self.similarity_chunk_size < 1:
+            raise ValueError("--similarity-chunk-size must be >= 1")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    logs: str = "./logs"
+    name: str | None = None  # None: a timestamped name
+    report_to: tuple[str, ...] = ("tensorboard",)
+    log_every_n_steps: int = 10
+
+    def __post_init__(self) -> None:
+        unknown = set(self.report_to) - {"tensorboard"}
+        if unknown:
+            raise ValueError(f"--report-to accepts tensorboard (or nothing), got {sorted(unknown)}")
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    device: str = "auto"  # auto: CUDA when present
+    dist_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    dist_timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        if self.dist_backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"--dist-backend must be nccl or gloo, got {self.dist_backend!r}")
+        if self.dist_timeout_seconds <= 0:
+            raise ValueError("--dist-timeout-seconds must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    model: ModelSpec
+    loss: LossConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    log: LogConfig
+    dist: DistConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, credentials redacted: saved with the run and in checkpoints."""
+        return _redacted(dataclasses.asdict(self))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value
+
+
+# --------------------------------------------------------------------------- CLI edge
+
+# Flags: the names PMC-CLIP / OpenCLIP users know, mapped to (concern, field).
+_FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("--train-data", "data", "train_data", {}),
+    ("--val-data", "data", "val_data", {}),
+    ("--train-data-upsampling-factors", "data", "train_data_upsampling_factors",
+     {"type": float, "nargs": "+"}),
+    ("--train-num-samples", "data", "train_num_samples", {"type": int}),
+    ("--val-num-samples", "data", "val_num_samples", {"type": int}),
+    ("--dataset-resampled", "data", "dataset_resampled", {"action": "store_true"}),
+    ("--batch-size", "data", "batch_size", {"type": int}),
+    ("--val-batch-size", "data", "val_batch_size", {"type": int}),
+    ("--workers", "data", "num_workers", {"type": int}),
+    ("--crop-scale", "data", "crop_scale", {"type": float, "nargs": 2}),
+    ("--shuffle-buffer-samples", "data", "shuffle_buffer_samples", {"type": int}),
+    ("--cache-dir", "data", "cache_dir", {}),
+    ("--model", "model", "model", {}),
+    ("--text-encoder", "model", "text_encoder", {}),
+    ("--tokenizer", "model", "tokenizer", {}),
+    ("--mlm", "model", "mlm", {"action": "store_true"}),
+    ("--mlm-probability", "model", "mlm_probability", {"type": float}),
+    ("--precision", "model", "precision", {"choices": PRECISIONS}),
+    ("--grad-checkpointing", "model", "grad_checkpointing", {"action": "store_true"}),
+    ("--torchcompile", "model", "torch_compile", {"action": "store_true"}),
+    ("--channels-last", "model", "channels_last", {"action": "store_true"}),
+    ("--clip-loss-weight", "loss", "clip_weight", {"type": float}),
+    ("--mlm-loss-weight", "loss", "mlm_weight", {"type": float}),
+    ("--global-loss", "loss", "local_loss", {"action": "store_false"}),
+    ("--lr", "optim", "lr", {"type": float}),
+    ("--wd", "optim", "weight_decay", {"type": float}),
+    ("--beta1", "optim", "beta1", {"type": float}),
+    ("--beta2", "optim", "beta2", {"type": float}),
+    ("--eps", "optim", "eps", {"type": float}),
+    ("--warmup", "optim", "warmup_steps", {"type": int}),
+    ("--min-lr", "optim", "min_lr", {"type": float}),
+    ("--grad-clip-norm", "optim", "grad_clip_norm", {"type": float}),
+    ("--epochs", "train", "epochs", {"type": int}),
+    ("--accum-freq", "train", "accum_freq", {"type": int}),
+    ("--seed", "train", "seed", {"type": int}),
+    ("--max-consecutive-nonfinite", "train", "max_consecutive_nonfinite", {"type": int}),
+    ("--checkpoint-dir", "checkpoint", "checkpoint_dir", {}),
+    ("--save-frequency", "checkpoint", "save_frequency", {"type": int}),
+    ("--save-every-n-steps", "checkpoint", "save_every_n_steps", {"type": int}),
+    ("--save-every-minutes", "checkpoint", "save_every_minutes", {"type": float}),
+    ("--keep-last", "checkpoint", "keep_last", {"type": int}),
+    ("--resume", "checkpoint", "resume", {}),
+    ("--pmc-clip-beta", "checkpoint", "pmc_clip_beta", {}),
+    ("--val-frequency", "eval", "val_frequency", {"type": int}),
+    ("--test-2000", "eval", "test_2000", {"action": "store_true"}),
+    ("--zeroshot-data", "eval", "zeroshot_data", {}),
+    ("--similarity-chunk-size", "eval", "similarity_chunk_size", {"type": int}),
+    ("--logs", "log", "logs", {}),
+    ("--name", "log", "name", {}),
+    ("--report-to", "log", "report_to", {"nargs": "*"}),
+    ("--log-every-n-steps", "log", "log_every_n_steps", {"type": int}),
+    ("--device", "dist", "device", {"choices": ("auto", "cuda", "cpu")}),
+    ("--dist-backend", "dist", "dist_backend", {"choices": ("nccl", "gloo")}),
+    ("--dist-timeout-seconds", "dist", "dist_timeout_seconds", {"type": float}),
+]  # fmt: skip
+_CONCERNS: dict[str, type] = {
+    "data": DataConfig, "model": ModelSpec, "loss": LossConfig, "optim": OptimConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig,
+    "log": LogConfig, "dist": DistConfig,
+}  # fmt: skip
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """Every flag defaults to None here; the dataclass default applies unless given, so
+    the dataclasses are the one place defaults live."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for flag, concern, name, kwargs in _FLAGS:
+        default = getattr(_CONCERNS[concern](), name)
+        help_text = f"{concern}.{name} (default: {default})"
+        parser.add_argument(flag, dest=f"{concern}.{name}", default=None, help=help_text, **kwargs)
+    return parser
+
+
+def parse_run_config(argv: list[str] | None, description: str = "") -> RunConfig:
+    """Parse the command line into a RunConfig. Unknown flags and bad values are a
+    ValueError/SystemExit here, at start-up, on every rank alike."""
+    args = vars(build_parser(description).parse_args(argv))
+    values: dict[str, dict[str, Any]] = {concern: {} for concern in _CONCERNS}
+    for _flag, concern, name, _kwargs in _FLAGS:
+        value = args[f"{concern}.{name}"]
+        if value is None:  # not on the command line: the dataclass default applies
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        values[concern][name] = value
+    return RunConfig(**{c: cls(**values[c]) for c, cls in _CONCERNS.items()})

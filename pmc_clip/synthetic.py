@@ -3,7 +3,8 @@
     python -m pmc_clip.synthetic --output demo_data --num-articles 50
 
 Writes `images/PMC<article>_F<figure>_<subfigure>.{jpg,png}` and `pmc_oa.jsonl` with the
-real dataset's columns (image, caption, alignment_type, alignment_score, pmcid). The
+real dataset's columns (image, caption, alignment_type, alignment_score, pmcid), and (from
+the command line) a small WordPiece tokenizer trained on the captions in `tokenizer/`. The
 caption names the shape, colour and position drawn, so a model can learn the pairing:
 the demo's retrieval recall rising above chance is a real signal, not noise.
 Deterministic for a given seed.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,29 @@ def generate(options: SyntheticOptions) -> str:
     return jsonl_path
 
 
+# PubMedBERT's special-token ids, so id-dependent code behaves as with the real vocab.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_tokenizer(captions: Iterable[str], directory: str, vocab_size: int = 2000) -> str:
+    """Train a small lower-casing WordPiece vocabulary on `captions` and save a BERT
+    tokenizer to `directory` (loadable with --tokenizer DIRECTORY). For generated data
+    and tests only: real runs use PubMedBERT's tokenizer."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(
+        captions, vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    os.makedirs(directory, exist_ok=True)
+    vocab_file = wordpiece.save_model(directory)[0]
+    tokenizer = BertTokenizer(vocab=vocab_file, do_lower_case=True)
+    assert len(tokenizer) == wordpiece.get_vocab_size(), "vocabulary lost on the way"
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True)
@@ -122,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--png-fraction", type=float, default=defaults.png_fraction)
     args = parser.parse_args(argv)
     path = generate(SyntheticOptions(**vars(args)))
+    with open(path, encoding="utf-8") as f:
+        captions = [json.loads(line)["caption"] for line in f]
+    write_tokenizer(captions, os.path.join(args.output, "tokenizer"))
     print(path)
     return 0
 

@@ -1,0 +1,33 @@
+"""Pretrain PMC-CLIP: `python -m pmc_clip.train --train-data ... --model RN50_fusion4 --mlm`.
+
+    torchrun --nproc_per_node 8 -m pmc_clip.train \
+        --train-data 's3://bucket/pmc-oa/pmc-oa-train-{000000..000131}.tar' \
+        --val-data 's3://bucket/pmc-oa/pmc-oa-valid-{000000..000016}.tar' \
+        --model RN50_fusion4 --mlm \
+        --text-encoder microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext \
+        --batch-size 128 --lr 1e-4 --wd 0.1 --warmup 500 --epochs 100 --crop-scale 0.5 1.0 \
+        --workers 8 --precision amp_bf16 --logs logs --name pmc-clip-rn50 --resume latest
+
+All flags: `python -m pmc_clip.train --help`. Exit codes: 0 done, 1 stopped by an error
+(message in the log), 2 bad command line, 3 stopped on SIGUSR1/SIGTERM after saving a
+checkpoint (requeue and pass `--resume latest` to continue).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pmc_clip.trainer import run_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_training(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        # User errors are caught at start-up, before any step: say what to change.
+        print(f"pmc_clip.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""The Trainer: build everything from a RunConfig, then train, evaluate and checkpoint.
+
+Reads top to bottom: `Trainer.__init__` builds (device and process group, logging,
+tokenizer, model, optimizer, loss, loaders, resume), `fit` loops over epochs, `_train_epoch`
+over optimizer steps, `_step` is one optimizer step (micro-batches, backward, clip, step).
+
+Sync points per optimizer step, by design:
+- DDP's gradient all-reduce in the last micro-batch's backward (earlier micro-batches
+  run under `no_sync`, so accumulation costs no communication);
+- one all-reduce of two flags (non-finite loss or grad norm on any rank; stop requested
+  on any rank) followed by one host sync to read them. Every rank therefore skips the
+  same steps and stops at the same step boundary;
+- every `log_every_n_steps`, an all-reduce of the loss sums for the log line.
+Checkpoints are written by rank 0 alone; the others go on and meet it in the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pmc_clip import checkpoint, distributed, evaluate, metrics, optim
+from pmc_clip.config import RELEASED_CHECKPOINT, RunConfig, parse_run_config
+from pmc_clip.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from pmc_clip.losses import ClipLoss, PMCClipLoss
+from pmc_clip.model import PUBMEDBERT, PMCClip, create_model
+from pmc_clip.model.pmc_clip import MAX_LOGIT_SCALE
+from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
+
+# Exit code of a run stopped by SIGUSR1/SIGTERM after saving its checkpoint: the launch
+# scripts requeue the job on it (launch/pretrain_8node.sh).
+EXIT_CODE_PREEMPTED = 3
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps, a checkpoint that cannot be
+    written); the message says why and what was kept."""
+
+
+@dataclasses.dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # detached, on device: summed over micro-batches
+    grad_norm: torch.Tensor
+    nonfinite: bool
+    stop_requested: bool
+
+
+class Trainer:
+    def __init__(
+        self, config: RunConfig, info: distributed.DistInfo | None = None, train: bool = True
+    ) -> None:
+        """train=False builds for evaluation only: no train data, optimizer state unused."""
+        self.config = config
+        self.info = info or distributed.detect()
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        self.device = distributed.select_device(self.info, config.dist.device)
+        distributed.init_process_group(
+            self.info, self.device, config.dist.dist_backend, config.dist.dist_timeout_seconds
+        )
+        self.run_dir = os.path.join(config.log.logs, self._run_name())
+        self.log = metrics.setup_logging(self.run_dir, self.rank)
+        self.checkpoint_dir = config.checkpoint.checkpoint_dir or os.path.join(
+            self.run_dir, "checkpoints"
+        )
+        self._install_stop_handlers()
+
+        # Same seed everywhere for the initial weights (DDP also broadcasts rank 0's).
+        torch.manual_seed(config.train.seed)
+        self.tokenizer = self._build_tokenizer()
+        self.model = self._build_model()
+        self.optimizer = optim.build_optimizer(self.model, config.optim)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=config.model.precision == "amp"
+        )
+        self.loss_fn = PMCClipLoss(
+            ClipLoss(self.rank, self.world_size, config.loss.local_loss),
+            config.loss.clip_weight,
+            config.loss.mlm_weight if config.model.mlm else 0.0,
+        )
+        # The model decides the input resolution; the pipeline follows it.
+        data_config = dataclasses.replace(config.data, image_size=self.model.config.image_size)
+        self.train_loader: TrainLoader | None = None
+        if train:
+            self.train_loader = build_train_loader(
+                data_config, self.tokenizer, self.rank, self.world_size, config.train.seed
+            )
+        self.val_loader: EvalLoader | None = None
+        if config.data.val_data:
+            self.val_loader = build_eval_loader(
+                data_config, self.tokenizer, self.rank, self.world_size, config.train.seed
+            )
+        num_batches = self.train_loader.num_batches if self.train_loader else 0
+        self.steps_per_epoch = math.ceil(num_batches / config.train.accum_freq)
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0
+        self.num_nonfinite_in_a_row = 0
+        self.num_nonfinite_total = 0
+        self._resume()
+        # Per-rank randomness (dropout) differs between ranks, after the shared init.
+        if not config.checkpoint.resume or self.step == 0:
+            torch.manual_seed(config.train.seed * 1000 + self.rank)
+        self.ddp_model: Any = distributed.wrap_model(self.model, self.info, self.device)
+        self.forward_model: Any = self.ddp_model
+        if config.model.torch_compile:
+            self.forward_model = torch.compile(self.ddp_model)
+        self.scalars = metrics.ScalarWriter(
+            os.path.join(self.run_dir, "tensorboard")
+            if self.rank == 0 and "tensorboard" in config.log.report_to
+            else None
+        )
+        self.last_save_time = time.monotonic()
+        self._save_config()
+        self.log.info(
+            "world size %d (%s launcher), device %s, %d steps per epoch, %d epochs, "
+            "%d samples per epoch",
+            self.world_size,
+            self.info.launcher,
+            self.device,
+            self.steps_per_epoch,
+            config.train.epochs,
+            self.train_loader.num_samples if self.train_loader else 0,
+        )
+
+    # ------------------------------------------------------------------ building
+
+    def _run_name(self) -> str:
+        name = self.config.log.name or time.strftime("run-%Y%m%d-%H%M%S")
+        if self.world_size > 1 and self.config.log.name is None:
+            names = [name]
+            dist.broadcast_object_list(names, src=0)  # ranks must agree on the folder
+            name = names[0]
+        return name
+
+    def _build_tokenizer(self) -> CaptionTokenizer:
+        spec = self.config.model
+        name = spec.tokenizer or spec.text_encoder or PUBMEDBERT
+        probability = spec.mlm_probability if spec.mlm else 0.0
+        return CaptionTokenizer(load_tokenizer(name), mlm_probability=probability)
+
+    def _build_model(self) -> PMCClip:
+        spec = self.config.model
+        model = create_model(spec.model, text_encoder=spec.text_encoder, mlm=spec.mlm)
+        vocab_size = int(model.config.text_config["vocab_size"])
+        if len(self.tokenizer.tokenizer) > vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer.tokenizer)} tokens but model "
+                f"{spec.model!r} embeds only {vocab_size}: pass a matching --tokenizer"
+            )
+        if spec.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        if spec.channels_last:
+            model.visual.to(memory_format=torch.channels_last)
+        return model
+
+    def _install_stop_handlers(self) -> None:
+        """SLURM sends SIGUSR1 before the time limit (--signal) and SIGTERM on preemption:
+        note it and stop at the next step boundary, together with every other rank."""
+        self.stop_requested = False
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stop_requested = True
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+
+    def _save_config(self) -> None:
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(self.config.to_dict(), f, indent=1)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> int:
+        """Train to the last epoch; return the process exit code."""
+        assert self.train_loader is not None, "built with train=False"
+        try:
+            for epoch in range(self.epoch, self.config.train.epochs):
+                self.epoch = epoch
+                if self.train_loader.epoch != epoch:
+                    self.train_loader.set_epoch(epoch)
+                if not self._train_epoch(self.train_loader):
+                    self._save(end_of_epoch=False)
+                    self.log.info("stopped on request at step %d; checkpoint saved", self.step)
+                    return EXIT_CODE_PREEMPTED
+                self._end_of_epoch(epoch)
+            return 0
+        except TrainingStopped as e:
+            self.log.error("%s", e)
+            return 1
+        finally:
+            self.scalars.close()
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        last = epoch + 1 == self.config.train.epochs
+        val_every, save_every = (
+            self.config.eval.val_frequency,
+            self.config.checkpoint.save_frequency,
+        )
+        if self.val_loader is not None and (last or (val_every and (epoch + 1) % val_every == 0)):
+            self.evaluate()
+        if last or (save_every and (epoch + 1) % save_every == 0):
+            self.epoch = epoch + 1  # the next epoch to run, as a resume should see it
+            self._save(end_of_epoch=True)
+
+    def _train_epoch(self, loader: TrainLoader) -> bool:
+        """One epoch from the loader's position. False if a stop was requested."""
+        window = _Window(self.device)
+        for group in self._micro_batch_groups(loader):
+            result = self._step(group)
+            window.add(result, sum(len(b["keys"]) for b in group))
+            if self.step % self.config.log.log_every_n_steps == 0:
+                self._log_window(window, result, loader)
+                window = _Window(self.device)
+            if result.stop_requested:
+                return False
+            self._maybe_save_mid_epoch()
+        return True
+
+    def _micro_batch_groups(self, loader: TrainLoader) -> Iterator[list[dict[str, Any]]]:
+        """The loader's batches in groups of --accum-freq (the last group of an epoch may
+        be smaller: every batch of the epoch is used)."""
+        group: list[dict[str, Any]] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.config.train.accum_freq:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _step(self, group: list[dict[str, Any]]) -> StepResult:
+        spec = self.config.model
+        lr = optim.lr_at_step(self.step, self.config.optim, self.total_steps)
+        optim.set_lr(self.optimizer, lr)
+        loss_sums: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(group):
+            is_last = index == len(group) - 1
+            # Gradients are all-reduced only in the last micro-batch's backward.
+            sync = self.ddp_model.no_sync if not is_last and self.world_size > 1 else _no_op
+            with sync():
+                with evaluate.autocast_context(self.device, spec.precision):
+                    outputs = self.forward_model(*self._model_inputs(batch))
+                    mlm_labels = batch.get("mlm_labels")
+                    if mlm_labels is not None:
+                        mlm_labels = mlm_labels.to(self.device, non_blocking=True)
+                    losses = self.loss_fn(outputs, mlm_labels)
+                self.scaler.scale(losses["loss"] / len(group)).backward()
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value.detach() / len(group)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.optim.grad_clip_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # One collective and one host sync per step: every rank learns whether any rank
+        # saw a non-finite loss or was asked to stop (see module doc).
+        loss_nonfinite = not_finite(loss_sums["loss"])
+        grad_nonfinite = not_finite(grad_norm) & (spec.precision != "amp")
+        stop = torch.tensor(self.stop_requested, device=self.device)
+        flags = torch.stack([loss_nonfinite | grad_nonfinite, stop]).float()
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop_now = (bool(v) for v in flags.tolist())
+        if spec.precision == "amp":
+            self.scaler.step(self.optimizer)  # skips steps whose gradients overflowed
+            self.scaler.update()
+        elif not nonfinite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self._count_nonfinite(nonfinite)
+        self.step += 1
+        return StepResult(loss_sums, grad_norm.detach(), nonfinite, stop_now)
+
+    def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        if self.config.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        inputs = [
+            images,
+            batch["input_ids"].to(self.device, non_blocking=True),
+            batch["attention_mask"].to(self.device, non_blocking=True),
+        ]
+        if "mlm_input_ids" in batch:
+            inputs.append(batch["mlm_input_ids"].to(self.device, non_blocking=True))
+        return tuple(inputs)
+
+    def _count_nonfinite(self, nonfinite: bool) -> None:
+        if not nonfinite:
+            self.num_nonfinite_in_a_row = 0
+            return
+        self.num_nonfinite_in_a_row += 1
+        self.num_nonfinite_total += 1
+        self.log.warning(
+            "step %d: non-finite loss or gradient on some rank; step skipped (%d in a row)",
+            self.step,
+            self.num_nonfinite_in_a_row,
+        )
+        limit = self.config.train.max_consecutive_nonfinite
+        if self.num_nonfinite_in_a_row >= limit:
+            # Skipped steps never touched the weights: this is the last good state.
+            path = self._save(end_of_epoch=False)
+            raise TrainingStopped(
+                f"{limit} non-finite steps in a row at step {self.step}: stopping. The last "
+                f"good weights are in {path}. Lower --lr, set --grad-clip-norm, or check "
+                "the data for broken samples"
+            )
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_window(self, window: _Window, result: StepResult, loader: TrainLoader) -> None:
+        means = window.mean(self.world_size)  # a collective: every rank calls it
+        if self.rank != 0:
+            return
+        seconds = window.seconds()
+        meter = loader.meter.snapshot()
+        loader.meter.reset()
+        global_rate = window.num_samples * self.world_size / seconds
+        scalars = {
+            **{f"train/{name}": value for name, value in means.items()},
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/logit_scale": float(self.model.logit_scale.detach().exp()),
+            "train/grad_norm": float(result.grad_norm),
+            "train/nonfinite_steps": float(self.num_nonfinite_total),
+            "perf/samples_per_second": global_rate,
+            "perf/samples_per_second_per_device": global_rate / self.world_size,
+            "perf/step_seconds": seconds / window.num_steps,
+            "perf/memory_gb": _memory_gb(self.device),
+            **{f"perf/{k.split('/', 1)[1]}": v for k, v in meter.items()},
+        }
+        self.scalars.write(self.step, scalars)
+        self.log.info(
+            "epoch %d step %d/%d | %s",
+            self.epoch,
+            self.step,
+            self.total_steps,
+            metrics.format_scalars({k: scalars[k] for k in _CONSOLE_KEYS if k in scalars}),
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Retrieval on the val shards (all ranks), zero-shot on rank 0; logged."""
+        results: dict[str, float] = {}
+        if self.val_loader is not None:
+            test_2000_seed = self.config.eval.test_2000_seed if self.config.eval.test_2000 else None
+            results.update(
+                evaluate.evaluate_retrieval(
+                    self.model,
+                    self.val_loader,
+                    self.device,
+                    self.config.model.precision,
+                    self.rank,
+                    self.world_size,
+                    self.config.eval.similarity_chunk_size,
+                    test_2000_seed,
+                )
+            )
+        if self.config.eval.zeroshot_data and self.rank == 0:
+            zero_shot = evaluate.zero_shot_classification(
+                self.model,
+                self.tokenizer,
+                self.config.eval.zeroshot_data,
+                self.config.data.image_size,
+                self.device,
+                self.config.model.precision,
+            )
+            results.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
+        if self.rank == 0 and results:
+            self.scalars.write(self.step, {f"val/{k}": v for k, v in results.items()})
+            self.log.info("eval at step %d: %s", self.step, json.dumps(results))
+            with open(os.path.join(self.run_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"epoch": self.epoch, "step": self.step, **results}) + "\n")
+        distributed.barrier(self.world_size)
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _maybe_save_mid_epoch(self) -> None:
+        every_n = self.config.checkpoint.save_every_n_steps
+        every_minutes = self.config.checkpoint.save_every_minutes
+        due = bool(every_n) and self.step % every_n == 0
+        if every_minutes and self.rank == 0:
+            # Only rank 0 writes, so only its clock matters: no agreement needed.
+            due = due or time.monotonic() - self.last_save_time >= every_minutes * 60
+        if due:
+            self._save(end_of_epoch=False)
+
+    def _save(self, end_of_epoch: bool) -> str:
+        """Rank 0 writes; returns the checkpoint's URL (on every rank)."""
+        name = checkpoint.checkpoint_name(self.epoch, self.step, end_of_epoch)
+        url = f"{self.checkpoint_dir}/{name}"
+        if self.rank == 0:
+            try:
+                url = checkpoint.save_checkpoint(
+                    self.checkpoint_dir, name, self._state_dict(), self.config.checkpoint.keep_last
+                )
+            except OSError as e:
+                # The other ranks learn of it when they time out in the next collective
+                # at the latest; the requeue resumes from the previous checkpoint.
+                raise TrainingStopped(str(e)) from e
+            self.log.info("saved checkpoint %s", url)
+        self.last_save_time = time.monotonic()
+        return url
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "format": checkpoint.CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "data": self.train_loader.state_dict() if self.train_loader else None,
+            "nonfinite_steps": self.num_nonfinite_total,
+            "config": self.config.to_dict(),
+            "rng": _rng_state(),
+        }
+
+    def _resume(self) -> None:
+        target = self.config.checkpoint.resume
+        if target is None:
+            return
+        if target == RELEASED_CHECKPOINT:
+            assert self.config.checkpoint.pmc_clip_beta is not None  # checked by the config
+            state_dict = checkpoint.load_pmc_clip_checkpoint(self.config.checkpoint.pmc_clip_beta)
+            self.model.load_state_dict(state_dict)
+            self.log.info("initialised from the released PMC-CLIP weights")
+            return
+        path = checkpoint.resolve_latest(self.checkpoint_dir) if target == "latest" else target
+        if path is None:
+            self.log.info(
+                "--resume latest: no checkpoint in %s yet, starting fresh", self.checkpoint_dir
+            )
+            return
+        state = checkpoint.load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        if self.train_loader is None:
+            self.log.info("loaded weights from %s (step %d)", path, state["step"])
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.num_nonfinite_total = state["nonfinite_steps"]
+        data_state = state["data"]
+        if data_state["epoch"] == self.epoch:
+            # Stopped inside this epoch (or after its last step, before its end-of-epoch
+            # evaluation and save): continue the stream exactly there.
+            self.train_loader.load_state_dict(data_state)
+        _set_rng_state(state["rng"])
+        self.log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step)
+
+
+_CONSOLE_KEYS = (
+    "train/loss",
+    "train/contrastive_loss",
+    "train/mlm_loss",
+    "train/lr",
+    "train/logit_scale",
+    "perf/samples_per_second",
+    "perf/wait_fraction",
+)
+
+
+class _Window:
+    """Loss sums and counts between two log lines, kept on the device (no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.num_steps = 0
+        self.num_samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, result: StepResult, num_samples: int) -> None:
+        for name, value in result.losses.items():
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
+        self.num_steps += 1
+        self.num_samples += num_samples
+
+    def mean(self, world_size: int) -> dict[str, float]:
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names]) / max(self.num_steps, 1)
+        averaged = distributed.all_reduce_mean(stacked, world_size)
+        return dict(zip(names, averaged.tolist(), strict=True))
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+@contextlib.contextmanager
+def _no_op() -> Iterator[None]:
+    yield
+
+
+def not_finite(value: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(value)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator the step uses, as tensors and plain Python values only."""
+    numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def run_training(argv: list[str]) -> int:
+    config = parse_run_config(argv, "Pretrain PMC-CLIP.")
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown()
+
+
+def run_evaluation_only(argv: list[str]) -> int:
+    """`python -m pmc_clip.evaluate`: the training flags, --resume naming the weights."""
+    config = parse_run_config(argv, "Evaluate a PMC-CLIP checkpoint.")
+    if config.checkpoint.resume is None:
+        raise SystemExit("evaluate: --resume CHECKPOINT (or PMC_CLIP:beta) is required")
+    trainer = Trainer(config, train=False)
+    try:
+        results = trainer.evaluate()
+        if trainer.rank == 0:
+            print(json.dumps(results, indent=1))
+        return 0
+    finally:
+        distributed.shutdown()
