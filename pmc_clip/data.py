@@ -627,6 +627,10 @@ class _Loader:
             pin_memory=spec.config.pin_memory and torch.cuda.is_available(),
             prefetch_factor=spec.config.prefetch_factor if spec.config.num_workers else None,
             persistent_workers=False,
+            # Every random choice in the stream is seeded explicitly; a private generator
+            # keeps the DataLoader from drawing its base seed from the global torch RNG,
+            # which the trainer restores on resume for dropout (bit-identical resumes).
+            generator=torch.Generator(),
         )
         iterator = iter(loader)
         while True:
