@@ -1,0 +1,88 @@
+#!/bin/bash
+# Pretrain PMC-CLIP on one machine: torchrun starts one trainer process per GPU (NCCL);
+# on a machine without a GPU, NPROC_PER_NODE (default 1) CPU processes with gloo.
+#
+#   bash launch/pretrain_1node.sh [extra pmc_clip.train arguments]
+#   TRAIN_DATA='shards/pmc-oa-train-{000000..000131}.tar' BATCH_SIZE=64 \
+#     bash launch/pretrain_1node.sh --epochs 1
+#
+# Run it again with the same RUN_NAME to continue: it always passes `--resume latest`
+# (a fresh start when the run has no checkpoint yet). To stop with a checkpoint, send
+# SIGUSR1 to the process group (`kill -USR1 -- -<pgid>`): torchrun is started with USR1
+# ignored, so only the trainer ranks act on it; they save and exit with code 3, which
+# torchrun reports as 1 (the multi-node script, launch/pretrain_8node.sh, uses srun for
+# that reason).
+#
+# Variables (default): the same as launch/pretrain_8node.sh - TRAIN_DATA
+# (shards/pmc-oa-train-{000000..000131}.tar), VAL_DATA, TRAIN_NUM_SAMPLES,
+# DATASET_RESAMPLED (0 here), MODEL (RN50_fusion4), TEXT_ENCODER (PubMedBERT; empty: random
+# init), TOKENIZER, MLM (1), BATCH_SIZE (128), LR (1e-4), WD (0.1), WARMUP (500), EPOCHS
+# (100), WORKERS (8), PRECISION (amp_bf16 on GPU, fp32 on CPU), SEED (0),
+# SAVE_EVERY_N_STEPS (1000), LOGS_DIR (logs), RUN_NAME (pmc-clip-1node), PMC_CLIP_VENV
+# (<repo>/.venv), PMC_CLIP_PYTHON, PMC_CLIP_ENV_SCRIPT, PMC_CLIP_ENTRY (pmc_clip.train),
+# MASTER_PORT (29500), OMP_NUM_THREADS (4); and
+#   NPROC_PER_NODE  (GPUs torch sees; 1 without a GPU)
+#   PMC_CLIP_DEVICE (cuda with GPUs, else cpu); DIST_BACKEND (nccl with GPUs, else gloo)
+set -euo pipefail
+repo="${PMC_CLIP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+venv="${PMC_CLIP_VENV:-$repo/.venv}"
+if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then
+  # shellcheck source=/dev/null
+  source "$PMC_CLIP_ENV_SCRIPT"
+fi
+python="${PMC_CLIP_PYTHON:-$venv/bin/python}"
+[[ -x $python ]] || python="$(command -v python3)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+
+if [[ -z ${NPROC_PER_NODE:-} || -z ${PMC_CLIP_DEVICE:-} ]]; then
+  gpus="$("$python" -c 'import torch; print(torch.cuda.device_count())')"
+else
+  gpus=0 # not needed: both given
+fi
+if ((gpus > 0)); then
+  device="${PMC_CLIP_DEVICE:-cuda}" backend="${DIST_BACKEND:-nccl}" precision_default=amp_bf16
+else
+  device="${PMC_CLIP_DEVICE:-cpu}" backend="${DIST_BACKEND:-gloo}" precision_default=fp32
+fi
+[[ $device == cpu ]] && backend="${DIST_BACKEND:-gloo}" precision_default=fp32
+nproc="${NPROC_PER_NODE:-$((gpus > 0 ? gpus : 1))}"
+
+default_train_data='shards/pmc-oa-train-{000000..000131}.tar'
+logs_dir="${LOGS_DIR:-logs}"
+entry="${PMC_CLIP_ENTRY:-pmc_clip.train}"
+if [[ $entry == *.py ]]; then entry_args=("$entry"); else entry_args=(-m "$entry"); fi
+args=(
+  --train-data "${TRAIN_DATA:-$default_train_data}"
+  --model "${MODEL:-RN50_fusion4}"
+  --batch-size "${BATCH_SIZE:-128}"
+  --lr "${LR:-1e-4}"
+  --wd "${WD:-0.1}"
+  --warmup "${WARMUP:-500}"
+  --epochs "${EPOCHS:-100}"
+  --workers "${WORKERS:-8}"
+  --precision "${PRECISION:-$precision_default}"
+  --seed "${SEED:-0}"
+  --device "$device"
+  --dist-backend "$backend"
+  --logs "$logs_dir"
+  --name "${RUN_NAME:-pmc-clip-1node}"
+  --report-to tensorboard
+  --save-frequency 1
+  --save-every-n-steps "${SAVE_EVERY_N_STEPS:-1000}"
+  --resume latest
+)
+text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext}"
+[[ -n $text_encoder ]] && args+=(--text-encoder "$text_encoder")
+[[ -n ${TOKENIZER:-} ]] && args+=(--tokenizer "$TOKENIZER")
+[[ ${MLM:-1} == 1 ]] && args+=(--mlm)
+[[ ${DATASET_RESAMPLED:-0} == 1 ]] && args+=(--dataset-resampled)
+[[ -n ${TRAIN_NUM_SAMPLES:-} ]] && args+=(--train-num-samples "$TRAIN_NUM_SAMPLES")
+[[ -n ${VAL_DATA:-} ]] && args+=(--val-data "$VAL_DATA" --val-frequency 1)
+args+=("$@") # last wins: extra arguments override the defaults above
+
+echo "[launch] 1 node x $nproc ranks on $device ($backend); run dir $logs_dir/${RUN_NAME:-pmc-clip-1node}"
+# USR1 ignored by torchrun (inherited across exec); the trainer installs its own handler.
+trap '' USR1
+exec "$python" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$nproc" \
+  --master_port="${MASTER_PORT:-29500}" "${entry_args[@]}" "${args[@]}"
