@@ -67,4 +67,4 @@ if ((nproc == 1)); then
   exec "$python" -m pmc_clip.train "${args[@]}"
 fi
 exec "$python" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$nproc" \
-  --master_port="${MASTER_PORT:-29501}" -m pmc_clip.train "${args[@]}"
+  --master_port="${MASTER_PORT:-29501}" -m -- pmc_clip.train "${args[@]}"

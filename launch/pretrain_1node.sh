@@ -51,7 +51,8 @@ nproc="${NPROC_PER_NODE:-$((gpus > 0 ? gpus : 1))}"
 default_train_data='shards/pmc-oa-train-{000000..000131}.tar'
 logs_dir="${LOGS_DIR:-logs}"
 entry="${PMC_CLIP_ENTRY:-pmc_clip.train}"
-if [[ $entry == *.py ]]; then entry_args=("$entry"); else entry_args=(-m "$entry"); fi
+# `--`: torchrun's parser must not read the trainer's options (`--logs` is "ambiguous" to it).
+if [[ $entry == *.py ]]; then entry_args=(-- "$entry"); else entry_args=(-m -- "$entry"); fi
 args=(
   --train-data "${TRAIN_DATA:-$default_train_data}"
   --model "${MODEL:-RN50_fusion4}"

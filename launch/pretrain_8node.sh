@@ -26,8 +26,11 @@
 # from a crash; srun returns the ranks' own highest exit code. (2) SLURM's
 # --signal=USR1@300 and `scancel --signal=USR1` reach every rank directly; a torchrun agent
 # in between dies on USR1 (default action) unless taught to ignore it. (3) SLURM tracks
-# every rank, and --kill-on-bad-exit stops all ranks when one fails instead of leaving the
-# others waiting in a collective. Each task gets torchrun's variables (RANK, LOCAL_RANK,
+# every rank: when the first one exits, the others get EXIT_GRACE_SECONDS to follow, then
+# SLURM ends them, so a crashed rank never leaves the others waiting in a collective.
+# (Not --kill-on-bad-exit: it would kill the other ranks the moment the first one exits
+# with EXIT_CODE_PREEMPTED, and srun would report their 143 instead of the ranks' 3.)
+# Each task gets torchrun's variables (RANK, LOCAL_RANK,
 # WORLD_SIZE, MASTER_ADDR = first node of `scontrol show hostnames`, MASTER_PORT), so the
 # trainer starts exactly as under torchrun.
 #
@@ -58,6 +61,9 @@
 #                e.g. `module load cuda/12.4` lines
 #   PMC_CLIP_ENTRY pmc_clip.train  the module (or a .py file) each rank runs
 #   MAX_REQUEUES 20   stop requeueing after this many restarts (SLURM_RESTART_COUNT)
+#   EXIT_GRACE_SECONDS 120  how long the other ranks may take to exit after the first one
+#                (the trainer's final save happens before its last barrier, so this only
+#                bounds interpreter shutdown and the wait after a crash)
 # Passed to every rank unchanged when set (srun exports the submit environment): object
 # store endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_PROFILE, AWS_* - never printed
 # here), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_DISABLE, NCCL_DEBUG, GLOO_SOCKET_IFNAME,
@@ -152,11 +158,12 @@ echo "[launch] $python ${entry_args[*]} ${args[*]}"
 set +e
 # shellcheck disable=SC2016 # expanded by each task's shell, not here
 srun --nodes="$nnodes" --ntasks-per-node="$nproc" --ntasks=$((nnodes * nproc)) \
-  --cpus-per-task="$cpus_per_rank" --kill-on-bad-exit=1 --label \
+  --cpus-per-task="$cpus_per_rank" --kill-on-bad-exit=0 --wait="${EXIT_GRACE_SECONDS:-120}" --label \
   bash -c '
     if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then source "$PMC_CLIP_ENV_SCRIPT"; fi
     export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
     export LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE GROUP_RANK=$SLURM_NODEID
+    echo "[launch] rank $RANK/$WORLD_SIZE on ${SLURMD_NODENAME:-$(hostname)} (local rank $LOCAL_RANK)"
     exec "$@"' pmc-clip-rank "$python" "${entry_args[@]}" "${args[@]}"
 rc=$?
 set -e

@@ -79,7 +79,7 @@ def main() -> int:
             (checkpoints / f"step_{step}").write_text(json.dumps({"step": step}))
             (checkpoints / "latest.tmp").write_text(json.dumps({"name": f"step_{step}"}))
             (checkpoints / "latest.tmp").replace(checkpoints / "latest.json")
-        dist.barrier()  # nobody exits (srun --kill-on-bad-exit) before the save is done
+        dist.barrier()  # no rank exits before the save is done (srun --wait ends the rest)
 
     steps = int(os.environ.get("STUB_STEPS", "20"))
     seconds = float(os.environ.get("STUB_STEP_SECONDS", "0.2"))
