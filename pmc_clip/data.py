@@ -355,7 +355,7 @@ def _sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generato
 
 @dataclass(frozen=True)
 class SampleProcessor:
-    """Undecoded sample -> {key, image uint8 [3,H,W], token tensors}, or None if bad."""
+    """Undecoded sample -> {key, image uint8 [3,H,W], token tensors}; raises if bad."""
 
     tokenizer: CaptionTokenizer
     image_size: int
@@ -398,8 +398,14 @@ def decode_and_transform(
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    pixels = transforms.stack_images([s["image"] for s in samples])
+    images = torch.empty(pixels.shape, dtype=torch.float32)
+    if get_worker_info() is not None:
+        # Written straight into shared memory: the batch then reaches the trainer's
+        # process without the extra copy torch makes of a private tensor.
+        images.share_memory_()
     batch: dict[str, Any] = {
-        "images": transforms.normalize_batch(torch.stack([s["image"] for s in samples])),
+        "images": transforms.normalize_batch(pixels, out=images),
         "keys": [s["key"] for s in samples],
     }
     for name in samples[0]:

@@ -3,8 +3,8 @@
 Train: RandomResizedCrop (area fraction in `crop_scale`, aspect ratio 3/4..4/3, bicubic),
 as in CLIP/OpenCLIP and the PMC-CLIP paper (crop scale 0.5). Eval: resize the shorter side
 to `image_size`, then centre-crop. Both end as uint8 [3, H, W]; `normalize_batch` turns a
-stacked batch into float CLIP-normalised pixels once per batch (one vectorised op instead
-of one per sample).
+stacked batch into float CLIP-normalised [B, 3, H, W] pixels once per batch (two
+vectorised passes instead of several per sample).
 
 Randomness comes only from the `numpy.random.Generator` passed in (seeded per sample by
 the data pipeline from seed, epoch and the sample key), never from torch's or numpy's
@@ -80,14 +80,16 @@ def _draft(
                 math.ceil(image.width / reduction),
                 math.ceil(image.height / reduction),
             )
-            full_width = image.width
+            full_width, full_height = image.size
             image.draft("RGB", wanted)
-            factor = image.width / full_width
+            # libjpeg rounds each side up separately: scale x and y on their own and keep
+            # the box inside the reduced image.
+            x_factor, y_factor = image.width / full_width, image.height / full_height
             return (
-                left * factor,
-                top * factor,
-                (left + crop_width) * factor,
-                (top + crop_height) * factor,
+                left * x_factor,
+                top * y_factor,
+                min((left + crop_width) * x_factor, image.width),
+                min((top + crop_height) * y_factor, image.height),
             )
     return (left, top, left + crop_width, top + crop_height)
 
@@ -96,12 +98,12 @@ def crop_to_tensor(
     image: Image.Image, box: tuple[int, int, int, int], image_size: int
 ) -> torch.Tensor:
     """Decode `image` (opened, not yet loaded), crop `box`, resize to a square uint8
-    [3, image_size, image_size] tensor."""
+    [3, image_size, image_size] tensor: a channel-first view of PIL's [H, W, 3] pixels
+    (no copy; `normalize_batch` makes the one copy, per batch)."""
     scaled_box = _draft(image, box, image_size)
     rgb = image.convert("RGB")  # decodes; palette/greyscale/alpha/CMYK all end as RGB
     resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=scaled_box)
-    pixels = np.asarray(resized, dtype=np.uint8)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def train_transform(
@@ -115,8 +117,22 @@ def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
     return crop_to_tensor(image, center_crop_box(image.width, image.height), image_size)
 
 
-def normalize_batch(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 CLIP-normalised [B, 3, H, W]."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (images_uint8.float() - mean) / std
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [3, H, W] images from crop_to_tensor -> uint8 [B, 3, H, W] (channels-last
+    memory): stacking the underlying [H, W, 3] buffers is a plain memcpy each."""
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
+def normalize_batch(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (any memory layout) -> float32 CLIP-normalised, contiguous.
+
+    Two passes over the batch: a layout-and-dtype copy into `out` (pass one allocated in
+    shared memory from a data-loader worker, and the batch crosses to the trainer
+    without another copy), then one in-place multiply-add.
+    """
+    if out is None:
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+    out.copy_(pixels)
+    scale = 1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1))
+    shift = -torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0 * scale
+    return out.mul_(scale).add_(shift)

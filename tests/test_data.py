@@ -390,6 +390,11 @@ def test_draft_decode_matches_full_decode_and_normalisation() -> None:
         full = transforms.crop_to_tensor(image, box, 64)
     assert fast.shape == full.shape == (3, 64, 64) and fast.dtype == torch.uint8
     assert (fast.float() - full.float()).abs().mean() < 3.0
+    # Odd sizes: libjpeg rounds each reduced side up; a box touching the far corner holds.
+    buffer = io.BytesIO()
+    Image.new("RGB", (1001, 767), "blue").save(buffer, "JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        assert transforms.crop_to_tensor(image, (301, 199, 700, 568), 64).shape == (3, 64, 64)
     normalized = transforms.normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     expected = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(normalized[0, :, 0, 0], expected)
