@@ -310,7 +310,7 @@ def test_8node_training_job(
 ) -> None:
     """The unchanged sbatch script trains the tiny model with world size 8 on n1..n8, writes
     a checkpoint and TensorBoard logs, and exits 0."""
-    steps = 24
+    steps = 12
     job = submit(tmp_path, trainer_env(tiny_inputs, steps), "--log-every-n-steps", "4")
     final = wait_for_job(job)
     output = job_output(tmp_path, job)
@@ -338,7 +338,7 @@ def test_8node_training_job_checkpoints_requeues_and_resumes(
     """USR1 mid-run (as SLURM sends before the time limit): the trainer checkpoints and
     exits 3, the script requeues the job, the rerun resumes at the saved step and
     finishes; the step count continues."""
-    steps = 40
+    steps = 20
     job = submit(tmp_path, trainer_env(tiny_inputs, steps), "--log-every-n-steps", "1")
     run_dir = tmp_path / "logs" / f"pmc-clip-pretrain-{job}"
     wait_for_text(run_dir / "out.log", r"epoch \d+ step [3-9]/", timeout=180)
