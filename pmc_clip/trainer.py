@@ -35,7 +35,7 @@ from pmc_clip import checkpoint, distributed, evaluate, metrics, optim
 from pmc_clip.config import RELEASED_CHECKPOINT, RunConfig, parse_run_config
 from pmc_clip.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from pmc_clip.losses import ClipLoss, PMCClipLoss
-from pmc_clip.model import PUBMEDBERT, PMCClip, create_model
+from pmc_clip.model import PUBMEDBERT, PMCClip, create_model, load_config
 from pmc_clip.model.pmc_clip import MAX_LOGIT_SCALE
 from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
@@ -56,6 +56,7 @@ class StepResult:
     grad_norm: torch.Tensor
     nonfinite: bool
     stop_requested: bool
+    save_due_by_time: bool
 
 
 class Trainer:
@@ -109,9 +110,10 @@ class Trainer:
         self.epoch = 0
         self.num_nonfinite_in_a_row = 0
         self.num_nonfinite_total = 0
+        self.rng_restored = False
         self._resume()
-        # Per-rank randomness (dropout) differs between ranks, after the shared init.
-        if not config.checkpoint.resume or self.step == 0:
+        if not self.rng_restored:
+            # Per-rank randomness (dropout) differs between ranks, after the shared init.
             torch.manual_seed(config.train.seed * 1000 + self.rank)
         self.ddp_model: Any = distributed.wrap_model(self.model, self.info, self.device)
         self.forward_model: Any = self.ddp_model
@@ -153,12 +155,19 @@ class Trainer:
 
     def _build_model(self) -> PMCClip:
         spec = self.config.model
-        model = create_model(spec.model, text_encoder=spec.text_encoder, mlm=spec.mlm)
+        model_config = load_config(spec.model).replace(mlm=spec.mlm)
+        num_tokens = len(self.tokenizer.tokenizer)
+        if spec.text_encoder is None:
+            # A randomly initialised text tower takes its vocabulary from the tokenizer
+            # (PubMedBERT's 30522 for the real model, a few hundred for generated data).
+            text_config = {**model_config.text_config, "vocab_size": num_tokens}
+            model_config = model_config.replace(text_config=text_config)
+        model = create_model(model_config, text_encoder=spec.text_encoder)
         vocab_size = int(model.config.text_config["vocab_size"])
-        if len(self.tokenizer.tokenizer) > vocab_size:
+        if num_tokens > vocab_size:
             raise ValueError(
-                f"the tokenizer has {len(self.tokenizer.tokenizer)} tokens but model "
-                f"{spec.model!r} embeds only {vocab_size}: pass a matching --tokenizer"
+                f"the tokenizer has {num_tokens} tokens but the text encoder "
+                f"{spec.text_encoder!r} embeds only {vocab_size}: pass its own --tokenizer"
             )
         if spec.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -229,7 +238,9 @@ class Trainer:
                 window = _Window(self.device)
             if result.stop_requested:
                 return False
-            self._maybe_save_mid_epoch()
+            every_n = self.config.checkpoint.save_every_n_steps
+            if result.save_due_by_time or (every_n and self.step % every_n == 0):
+                self._save(end_of_epoch=False)
         return True
 
     def _micro_batch_groups(self, loader: TrainLoader) -> Iterator[list[dict[str, Any]]]:
@@ -267,14 +278,19 @@ class Trainer:
         max_norm = self.config.optim.grad_clip_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # One collective and one host sync per step: every rank learns whether any rank
-        # saw a non-finite loss or was asked to stop (see module doc).
+        # saw a non-finite loss, was asked to stop, or (rank 0's clock) is due to save.
         loss_nonfinite = not_finite(loss_sums["loss"])
         grad_nonfinite = not_finite(grad_norm) & (spec.precision != "amp")
-        stop = torch.tensor(self.stop_requested, device=self.device)
-        flags = torch.stack([loss_nonfinite | grad_nonfinite, stop]).float()
+        local_flags = [self.stop_requested, self._save_due_by_time()]
+        flags = torch.cat(
+            [
+                (loss_nonfinite | grad_nonfinite).view(1),
+                torch.tensor(local_flags, device=self.device),
+            ]
+        ).float()
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop_now = (bool(v) for v in flags.tolist())
+        nonfinite, stop_now, save_due = (bool(v) for v in flags.tolist())
         if spec.precision == "amp":
             self.scaler.step(self.optimizer)  # skips steps whose gradients overflowed
             self.scaler.update()
@@ -285,7 +301,7 @@ class Trainer:
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self._count_nonfinite(nonfinite)
         self.step += 1
-        return StepResult(loss_sums, grad_norm.detach(), nonfinite, stop_now)
+        return StepResult(loss_sums, grad_norm.detach(), nonfinite, stop_now, save_due)
 
     def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         images = batch["images"].to(self.device, non_blocking=True)
@@ -344,6 +360,8 @@ class Trainer:
             **{f"perf/{k.split('/', 1)[1]}": v for k, v in meter.items()},
         }
         self.scalars.write(self.step, scalars)
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": self.epoch, "step": self.step, **scalars}) + "\n")
         self.log.info(
             "epoch %d step %d/%d | %s",
             self.epoch,
@@ -391,34 +409,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _maybe_save_mid_epoch(self) -> None:
-        every_n = self.config.checkpoint.save_every_n_steps
-        every_minutes = self.config.checkpoint.save_every_minutes
-        due = bool(every_n) and self.step % every_n == 0
-        if every_minutes and self.rank == 0:
-            # Only rank 0 writes, so only its clock matters: no agreement needed.
-            due = due or time.monotonic() - self.last_save_time >= every_minutes * 60
-        if due:
-            self._save(end_of_epoch=False)
+    def _save_due_by_time(self) -> bool:
+        minutes = self.config.checkpoint.save_every_minutes
+        # Rank 0's clock decides; the step's flag all-reduce tells the others.
+        return (
+            bool(minutes)
+            and self.rank == 0
+            and (time.monotonic() - self.last_save_time >= minutes * 60)
+        )
 
     def _save(self, end_of_epoch: bool) -> str:
-        """Rank 0 writes; returns the checkpoint's URL (on every rank)."""
+        """Every rank calls this at the same step (it has collectives); rank 0 writes.
+        Returns the checkpoint's URL. A failed write stops every rank alike."""
+        rng_states = self._gather_rng_states()
         name = checkpoint.checkpoint_name(self.epoch, self.step, end_of_epoch)
         url = f"{self.checkpoint_dir}/{name}"
+        error = ""
         if self.rank == 0:
             try:
                 url = checkpoint.save_checkpoint(
-                    self.checkpoint_dir, name, self._state_dict(), self.config.checkpoint.keep_last
+                    self.checkpoint_dir,
+                    name,
+                    self._state_dict(rng_states),
+                    self.config.checkpoint.keep_last,
                 )
+                self.log.info("saved checkpoint %s", url)
             except OSError as e:
-                # The other ranks learn of it when they time out in the next collective
-                # at the latest; the requeue resumes from the previous checkpoint.
-                raise TrainingStopped(str(e)) from e
-            self.log.info("saved checkpoint %s", url)
+                error = str(e)
+        if distributed.any_rank(bool(error), self.device, self.world_size):
+            # The requeued job resumes from the previous checkpoint, which is intact.
+            raise TrainingStopped(error or "rank 0 could not write a checkpoint (see its log)")
         self.last_save_time = time.monotonic()
         return url
 
-    def _state_dict(self) -> dict[str, Any]:
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's generators (dropout differs per rank), indexed by rank."""
+        states: list[Any] = [_rng_state()]
+        if self.world_size > 1:
+            states = [None] * self.world_size
+            dist.all_gather_object(states, _rng_state())
+        return states
+
+    def _state_dict(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "format": checkpoint.CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -429,7 +461,7 @@ class Trainer:
             "data": self.train_loader.state_dict() if self.train_loader else None,
             "nonfinite_steps": self.num_nonfinite_total,
             "config": self.config.to_dict(),
-            "rng": _rng_state(),
+            "rng": rng_states,
         }
 
     def _resume(self) -> None:
@@ -462,7 +494,16 @@ class Trainer:
             # Stopped inside this epoch (or after its last step, before its end-of-epoch
             # evaluation and save): continue the stream exactly there.
             self.train_loader.load_state_dict(data_state)
-        _set_rng_state(state["rng"])
+        if len(state["rng"]) == self.world_size:
+            _set_rng_state(state["rng"][self.rank])
+            self.rng_restored = True
+        else:
+            self.log.warning(
+                "checkpoint saved by %d ranks, resumed on %d: random streams (dropout) "
+                "start afresh",
+                len(state["rng"]),
+                self.world_size,
+            )
         self.log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step)
 
 
