@@ -329,7 +329,8 @@ def _stream_error_handler(counters: WorkerCounters) -> Callable[[BaseException],
 
     def handler(exc: BaseException) -> bool:
         counters.stream_errors += 1
-        text = " ".join(str(arg) for arg in exc.args if isinstance(arg, str))
+        texts = [arg for arg in exc.args if isinstance(arg, str)]  # webdataset adds the URL
+        text = " ".join(t for i, t in enumerate(texts) if not any(t in u for u in texts[:i]))
         warn(f"{type(exc).__name__}: {storage.redact_url(text)}")
         return True
 
@@ -343,7 +344,7 @@ def shard_urls(urls: Iterable[str]) -> Callable[[], Iterator[dict[str, str]]]:
 
 def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Drop every member that is not an image, caption or json (e.g. .pyd/.pth pickles)
-    before anything could decode it, and count the samples read."""
+    before anything could decode it."""
     for sample in samples:
         yield {k: v for k, v in sample.items() if k.startswith("__") or k in KEPT_EXTENSIONS}
 

@@ -274,9 +274,9 @@ class RangeReader(io.RawIOBase):
     ) -> None:
         super().__init__()
         self.url, self.options, self.counters = url, filesystems.options, counters
-        protocol, path = fsspec.core.split_protocol(url)
+        protocol = fsspec.core.split_protocol(url)[0]
         self._fs = filesystems.get(protocol or "file")
-        self._path = self._fs._strip_protocol(path)
+        self._path = self._fs._strip_protocol(url)  # http keeps its scheme, s3 drops it
         self.size_bytes: int = _retrying(
             "stat", url, self.options, counters, lambda: int(self._fs.size(self._path))
         )
@@ -385,8 +385,9 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
 
 def register_webdataset_opener(options: ShardReadOptions, counters: ShardReadCounters) -> None:
     """Make webdataset's gopen (this process) read every URL scheme it does not handle
-    itself through fsspec, and s3:// / gs:// too (it has no s3 opener and shells out to
-    gsutil for gs). Local paths and `pipe:` stay with webdataset. Call it where the
+    itself through fsspec, and s3://, gs://, http(s):// too (it has no s3 opener and
+    shells out to gsutil and curl, without retries). Local paths and `pipe:` stay with
+    webdataset. Call it where the
     stream starts (in the data-loader worker): filesystems are created from then on."""
     import webdataset as wds
 
@@ -397,5 +398,5 @@ def register_webdataset_opener(options: ShardReadOptions, counters: ShardReadCou
             raise ValueError(f"{redact_url(url)}: shards are opened read-only, got mode {mode}")
         return open_shard(url, filesystems, counters)
 
-    for scheme in ("__default__", "s3", "s3a", "gs", "gcs"):
+    for scheme in ("__default__", "s3", "s3a", "gs", "gcs", "http", "https"):
         wds.gopen_schemes[scheme] = gopen_fsspec

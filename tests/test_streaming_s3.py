@@ -143,3 +143,21 @@ def test_s3_cache_dir_downloads_each_shard_once(
     again = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(again))) == keys
     assert again.meter.totals()["shard_requests"] == 0  # read from the cache
+
+
+def test_http_urls_stream_through_fsspec(
+    figures: tuple[str, str], s3_bucket: str, s3_endpoint: str, tokenizer: CaptionTokenizer
+) -> None:
+    import boto3
+
+    pattern, keys = s3_shards(figures, s3_bucket)
+    client = boto3.client("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    for item in client.list_objects_v2(Bucket=bucket, Prefix="shards/")["Contents"]:
+        client.put_object_acl(Bucket=bucket, Key=item["Key"], ACL="public-read")
+    # moto serves public objects over plain HTTP too (path style): any fsspec URL works.
+    http_pattern = pattern.replace("s3://", f"{s3_endpoint}/")
+    cfg = config(None, val_data=http_pattern, read_chunk_bytes=16 * 1024)
+    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    assert set(keys_of(collect(loader))) == keys
+    assert loader.meter.totals()["shard_requests"] > 8
