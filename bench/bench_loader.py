@@ -125,7 +125,9 @@ def run_ours(train_data: str, tokenizer_dir: Path, args: argparse.Namespace) -> 
     from pmc_clip.data import build_train_loader
     from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
-    tokenizer = CaptionTokenizer(load_tokenizer(str(tokenizer_dir)), 77, mlm_probability=0.15)
+    tokenizer = CaptionTokenizer(
+        load_tokenizer(str(tokenizer_dir)), 77, mlm_probability=args.mlm_probability
+    )
     config = DataConfig(
         train_data=train_data,
         batch_size=args.batch_size,
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mlm-probability", type=float, default=0.15, help="ours only")
     parser.add_argument("--openclip-python", default=None, help="python of the bench venv")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["limit", "ours", "s3", "openclip"]
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{num_samples} samples in {num_shards} shards, {args.workers} workers, "
         f"batch {args.batch_size}, {args.image_size} px, crop scale {tuple(args.crop_scale)}, "
-        f"best of {args.repeats}"
+        f"MLM {args.mlm_probability} (ours), best of {args.repeats}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     contenders: dict[str, Callable[[], float]] = {}
     crop_scale = (args.crop_scale[0], args.crop_scale[1])
