@@ -1,7 +1,8 @@
 #!/bin/bash
-# Evaluate a PMC-CLIP checkpoint: image<->text retrieval recall@1/5/10 on VAL_DATA (the
-# trainer with no --train-data evaluates the --resume checkpoint and exits), on one
-# machine: one process per GPU with torchrun, or one CPU process.
+# Evaluate a PMC-CLIP checkpoint: image<->text retrieval recall@1/5/10 (and MLM accuracy
+# with --mlm) on VAL_DATA with `python -m pmc_clip.evaluate`, on one machine: one process
+# per GPU with torchrun, or one CPU process. Extra arguments go to pmc_clip.evaluate
+# (e.g. --test-2000, --zeroshot-data DIR, --mlm, --model NAME as the checkpoint was trained).
 #
 #   CHECKPOINT=logs/pmc-clip-pretrain-1234/checkpoints \
 #   VAL_DATA='s3://bucket/pmc-oa/pmc-oa-test-{000000..000016}.tar' bash launch/eval.sh --test-2000
@@ -62,9 +63,9 @@ text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstrac
 [[ -n ${TOKENIZER:-} ]] && args+=(--tokenizer "$TOKENIZER")
 args+=("$@")
 
-echo "[eval] $checkpoint on $val_data: $nproc x $device"
+echo "[eval] $checkpoint on $val_data: $nproc x $device" >&2
 if ((nproc == 1)); then
-  exec "$python" -m pmc_clip.train "${args[@]}"
+  exec "$python" -m pmc_clip.evaluate "${args[@]}"
 fi
 exec "$python" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$nproc" \
-  --master_port="${MASTER_PORT:-29501}" -m -- pmc_clip.train "${args[@]}"
+  --master_port="${MASTER_PORT:-29501}" -m -- pmc_clip.evaluate "${args[@]}"

@@ -307,9 +307,9 @@ def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pmc_clip.trainer import run_evaluation_only  # the trainer builds model and data
+    from pmc_clip.trainer import cli, run_evaluation_only  # the trainer builds model and data
 
-    return run_evaluation_only(sys.argv[1:] if argv is None else argv)
+    return cli(run_evaluation_only, sys.argv[1:] if argv is None else argv, "pmc_clip.evaluate")
 
 
 if __name__ == "__main__":

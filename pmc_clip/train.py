@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from pmc_clip.trainer import run_training
+from pmc_clip.trainer import cli, run_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_training(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:
-        # User errors are caught at start-up, before any step: say what to change.
-        print(f"pmc_clip.train: error: {e}", file=sys.stderr)
-        return 2
+    return cli(run_training, sys.argv[1:] if argv is None else argv, "pmc_clip.train")
 
 
 if __name__ == "__main__":

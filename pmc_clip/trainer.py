@@ -23,15 +23,16 @@ import math
 import os
 import random
 import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pmc_clip import checkpoint, distributed, evaluate, metrics, optim
+from pmc_clip import checkpoint, distributed, evaluate, metrics, optim, storage
 from pmc_clip.config import RELEASED_CHECKPOINT, RunConfig, parse_run_config
 from pmc_clip.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from pmc_clip.losses import ClipLoss, PMCClipLoss
@@ -43,6 +44,7 @@ from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 # scripts requeue the job on it (launch/pretrain_8node.sh).
 EXIT_CODE_PREEMPTED = 3
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EVAL_SEED = 0
 
 
 class TrainingStopped(RuntimeError):
@@ -100,8 +102,9 @@ class Trainer:
             )
         self.val_loader: EvalLoader | None = None
         if config.data.val_data:
+            # A fixed seed for the val masks: MLM accuracy compares across runs and seeds.
             self.val_loader = build_eval_loader(
-                data_config, self.tokenizer, self.rank, self.world_size, config.train.seed
+                data_config, self.tokenizer, self.rank, self.world_size, seed=EVAL_SEED
             )
         num_batches = self.train_loader.num_batches if self.train_loader else 0
         self.steps_per_epoch = math.ceil(num_batches / config.train.accum_freq)
@@ -481,6 +484,12 @@ class Trainer:
             )
             return
         state = checkpoint.load_checkpoint(path)
+        saved = state["config"]["model"]
+        if (saved["model"], saved["mlm"]) != (self.config.model.model, self.config.model.mlm):
+            raise ValueError(
+                f"{storage.redact_url(path)} holds a --model {saved['model']}"
+                f"{' --mlm' if saved['mlm'] else ''} model; pass the same flags to load it"
+            )
         self.model.load_state_dict(state["model"])
         if self.train_loader is None:
             self.log.info("loaded weights from %s (step %d)", path, state["step"])
@@ -593,6 +602,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def cli(run: Callable[[list[str]], int], argv: list[str], prog: str) -> int:
+    """Run an entry point; a user error (ValueError) is one line and exit code 2."""
+    try:
+        return run(argv)
+    except ValueError as e:
+        # User errors are caught at start-up, before any step: say what to change.
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_training(argv: list[str]) -> int:

@@ -31,7 +31,6 @@ HARNESS = REPO / "tests" / "slurm" / "ci_slurm.sh"
 STUB = REPO / "tests" / "slurm" / "stub_trainer.py"
 PRETRAIN_8NODE = REPO / "launch" / "pretrain_8node.sh"
 PRETRAIN_1NODE = REPO / "launch" / "pretrain_1node.sh"
-TRAINER = REPO / "pmc_clip" / "train.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # One cluster per machine: /etc/slurm, /etc/hosts and the ports are shared, so two test
 # sessions (several checkouts, parallel runs) take turns.
@@ -262,10 +261,6 @@ def test_1node_script_runs_torchrun_on_cpu(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- with the real trainer
 
-needs_trainer = pytest.mark.skipif(
-    not TRAINER.exists(), reason="pmc_clip/train.py (issue 5) has not landed yet"
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -304,7 +299,6 @@ def trainer_steps(log: str) -> list[int]:
     return [int(s) for s in re.findall(r"epoch \d+ step (\d+)/\d+", log)]
 
 
-@needs_trainer
 def test_8node_training_job(
     slurm_cluster: None, tiny_inputs: dict[str, str], tmp_path: Path
 ) -> None:
@@ -331,7 +325,6 @@ def test_8node_training_job(
     assert events and all(e.stat().st_size > 0 for e in events), events
 
 
-@needs_trainer
 def test_8node_training_job_checkpoints_requeues_and_resumes(
     slurm_cluster: None, tiny_inputs: dict[str, str], tmp_path: Path
 ) -> None:

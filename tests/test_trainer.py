@@ -157,6 +157,28 @@ def test_two_process_training_learns_and_resumes_bit_identically(
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [8, 16] and evals[-1]["num_pairs"] == 16
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["name"] == "epoch_2.pt"
+    # launch/eval.sh (python -m pmc_clip.evaluate) on the last checkpoint reproduces the
+    # trainer's own final evaluation: same weights, same val shards, centre crops.
+    env = {
+        **os.environ,
+        "CHECKPOINT": str(run / "checkpoints"),
+        "VAL_DATA": data["val"],
+        "MODEL": "tiny",
+        "TEXT_ENCODER": "",
+        "TOKENIZER": data["tokenizer"],
+        "BATCH_SIZE": "5",
+        "WORKERS": "1",
+        "LOGS_DIR": str(tmp_path),
+        "PMC_CLIP_DEVICE": "cpu",
+        "PMC_CLIP_PYTHON": sys.executable,
+    }
+    evaluated = _run(["bash", str(REPO / "launch" / "eval.sh"), "--mlm", "--report-to"], env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    for name in ("image_to_text_R@1", "text_to_image_R@10", "mean_recall", "mlm_accuracy"):
+        assert printed[name] == pytest.approx(evals[-1][name]), name
+    without_mlm = _run(["bash", str(REPO / "launch" / "eval.sh"), "--report-to"], env=env)
+    assert without_mlm.returncode == 2 and "pass the same flags" in without_mlm.stderr
 
     resumed = _torchrun(
         _train_args(data, tmp_path, "resumed", "--resume", str(run / "checkpoints" / "step_6.pt"))
