@@ -17,6 +17,11 @@ Resume: each finished shard gets a record in `<output>/_progress/` *after* the s
 itself is in place (renamed or uploaded). Shard boundaries depend only on the input and
 the options, so a rerun after a crash continues after the last recorded shard and yields
 the same bytes as an uninterrupted run. A shard without its record is simply rewritten.
+
+Object storage: every upload, progress record and check on `--output` is retried with
+exponential backoff (`--upload-max-attempts`, `--upload-backoff-seconds`), so a 503 or a
+dropped connection costs a retry, not the run. When every attempt fails, the run stops
+with an error naming the object (exit code 1); rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
@@ -47,6 +52,7 @@ from pmc_clip.figures import Figure, FigureError, FigureOptions, FigureReader
 
 MANIFEST_VERSION = 1
 PROGRESS_DIR = "_progress"
+_T = TypeVar("_T")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _NAME_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Fixed tar header fields, so a shard's bytes depend only on its samples.
@@ -59,6 +65,12 @@ _TAR_BLOCK = 512
 _ROWS_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 4
 _ORPHAN_CHECK_SECONDS = 0.5
+# Connect/read timeout of one object-store request on --output (a stall becomes a retry).
+_STORE_TIMEOUT_SECONDS = 120.0
+_UPLOAD_BACKOFF_MAX_SECONDS = 60.0
+# The csv module refuses fields above 128 KiB; a long caption is a row to skip with a
+# reason (caption_too_long), not a crash.
+_CSV_FIELD_LIMIT = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- options
@@ -85,6 +97,16 @@ class ShardOptions:
     figure: FigureOptions = field(default_factory=FigureOptions)
     workers: int = 0
     strict: bool = False
+    upload_max_attempts: int = 8
+    upload_backoff_seconds: float = 1.0
+
+    def retry_policy(self) -> storage.RetryPolicy:
+        """How calls on an object-store --output are retried (a local --output is not)."""
+        return storage.RetryPolicy(
+            self.upload_max_attempts,
+            self.upload_backoff_seconds,
+            max(_UPLOAD_BACKOFF_MAX_SECONDS, self.upload_backoff_seconds),
+        )
 
     def validate(self) -> None:
         if self.shard_size < 1:
@@ -111,12 +133,13 @@ class ShardOptions:
             raise ValueError("--resize-max-side must be >= 1 pixel")
         if self.max_caption_chars < 1:
             raise ValueError("--max-caption-chars must be >= 1")
+        self.retry_policy().validate("--upload-max-attempts")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide the output bytes, redacted, for resume checks and the
-        manifest. Worker count and strictness do not change a finished shard."""
+        manifest. Worker count, strictness and retries do not change a finished shard."""
         out = dataclasses.asdict(self)
-        for name in ("workers", "strict"):
+        for name in ("workers", "strict", "upload_max_attempts", "upload_backoff_seconds"):
             out.pop(name)
         for name in ("input", "images", "output"):
             out[name] = storage.redact_url(out[name])
@@ -186,16 +209,40 @@ def _read_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
 
 
 def _read_csv(url: str, separator: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    """Strict quoting: a stray quote (`"a"b`) costs its row (bad_record); a quoted field
+    never closed would swallow every later line into one caption, so it stops the run."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with fsspec.open(url, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        for row, record in enumerate(reader):
-            if None in record or any(value is None for value in record.values()):
-                yield (
-                    row,
-                    Skip(row, "bad_record", f"line {reader.line_num}: wrong number of fields"),
-                )
+        reader = csv.reader(f, delimiter=separator, strict=True)
+        header = next(reader, None)
+        if header is None:
+            return
+        row = 0
+        while True:
+            first_line = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if "unexpected end of data" in str(e):
+                    raise ValueError(
+                        f"--input {storage.redact_url(url)}: line {first_line}: a quoted field "
+                        "is never closed, so every later line would be read as part of it; "
+                        'fix the quote (a quote inside a field is written twice: "")'
+                    ) from None
+                yield row, Skip(row, "bad_record", f"line {first_line}: {e}")
             else:
-                yield row, record
+                if not fields:
+                    continue  # a blank line is not a record (as DictReader has it)
+                if len(fields) != len(header):
+                    detail = (
+                        f"line {first_line}: {len(fields)} fields, the header has {len(header)}"
+                    )
+                    yield row, Skip(row, "bad_record", detail)
+                else:
+                    yield row, dict(zip(header, fields, strict=True))
+            row += 1
 
 
 # --------------------------------------------------------------------------- 2. plan
@@ -416,6 +463,7 @@ class ShardRecord:
     start: int  # first plan position covered (samples and skips)
     end: int  # one past the last plan position covered
     skipped: list[dict[str, Any]]
+    converted: dict[str, int] = field(default_factory=dict)  # samples per conversion reason
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -435,7 +483,9 @@ def sample_members(sample: PlannedSample, figure: Figure) -> dict[str, bytes | s
         "original_width": figure.original_width,
         "original_height": figure.original_height,
         "original_format": figure.original_format,
+        "original_mode": figure.original_mode,
         "reencoded": figure.reencoded,
+        "conversion": figure.conversion,
     }
     return {
         "__key__": sample.key,
@@ -472,13 +522,16 @@ class ShardWriterState:
         self.num_samples = 0
         self.num_bytes = 0
         self.skipped: list[dict[str, Any]] = []
+        self.converted: collections.Counter[str] = collections.Counter()
         self.finished: list[ShardRecord] = []
         # Publishing (rename, or upload to object storage) runs beside the packing of the
         # next shard; one at a time keeps records in order and local disk use bounded.
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
         self._publishing: Future[None] | None = None
 
-    def add(self, position: int, members: dict[str, bytes | str]) -> None:
+    def add(
+        self, position: int, members: dict[str, bytes | str], conversion: str | None = None
+    ) -> None:
         size = _tar_bytes(members)
         if self.num_samples and self.num_bytes + size > self.options.max_shard_bytes:
             self.close(end=position)
@@ -489,6 +542,8 @@ class ShardWriterState:
             self._file = open(self._staged, "wb")  # noqa: SIM115 -- closed in close()
             self._tar = wds.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
         self._tar.write(members)
+        if conversion is not None:
+            self.converted[conversion] += 1
         self.num_samples += 1
         self.num_bytes += size
         if self.num_samples == self.options.shard_size:
@@ -513,6 +568,7 @@ class ShardWriterState:
             self.start,
             end,
             self.skipped,
+            dict(sorted(self.converted.items())),
         )
         self.wait()
         self._publishing = self._publisher.submit(self._publish, staged, dest, record)
@@ -520,12 +576,14 @@ class ShardWriterState:
         self.index, self.start = self.index + 1, end
         self._staged, self._file, self._tar = None, None, None
         self.num_samples, self.num_bytes, self.skipped = 0, 0, []
+        self.converted = collections.Counter()
 
     def _publish(self, staged: str, dest: str, record: ShardRecord) -> None:
-        storage.publish(self.fs, staged, dest)
+        retry = self.options.retry_policy()
+        storage.publish(self.fs, staged, dest, retry)
         # Only now, with the shard in place, is it recorded as done.
         progress_path = storage.join(self.root, PROGRESS_DIR, record.name + ".json")
-        _write_json(self.fs, progress_path, dataclasses.asdict(record))
+        _write_json(self.fs, progress_path, dataclasses.asdict(record), retry)
 
     def wait(self) -> None:
         """Block until the last shard is published; re-raise its error if it failed."""
@@ -552,13 +610,32 @@ def _file_digest(path: str) -> tuple[int, str]:
     return num_bytes, digest.hexdigest()
 
 
-def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+def _write_json(
+    fs: fsspec.AbstractFileSystem, path: str, obj: Any, retry: storage.RetryPolicy
+) -> None:
     text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False)
-    storage.write_bytes_atomic(fs, path, text.encode("utf-8"))
+    storage.write_bytes_atomic(fs, path, text.encode("utf-8"), retry)
 
 
-def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    return json.loads(storage.read_bytes(fs, path))
+def _read_json(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> Any:
+    return json.loads(_retried(fs, retry, "read", path, lambda: storage.read_bytes(fs, path)))
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> bool:
+    return _retried(fs, retry, "check", path, lambda: bool(fs.exists(path)))
+
+
+def _retried(
+    fs: fsspec.AbstractFileSystem,
+    retry: storage.RetryPolicy,
+    what: str,
+    path: str,
+    call: Callable[[], _T],
+) -> _T:
+    """`call` on --output, retried when it is an object store (local calls run once)."""
+    if storage.is_local(fs):
+        return call()
+    return storage.retry_call(what, fs.unstrip_protocol(path), retry, call)
 
 
 def write_split(
@@ -599,7 +676,7 @@ def _fill_shards(
                 raise ValueError(_describe_skip(skip))
             writer.skipped.append(skip.to_json())
         else:
-            writer.add(position, sample_members(sample, figure))
+            writer.add(position, sample_members(sample, figure), figure.conversion)
         progress.update(1)
     if writer.num_samples:
         writer.close(end=len(samples))
@@ -627,8 +704,9 @@ def _load_progress(
     progress_root = storage.join(out_root, PROGRESS_DIR)
     options_path = storage.join(progress_root, "options.json")
     wanted = {**options.fingerprint(), "plan_sha256": plan_digest}
-    if out_fs.exists(options_path):
-        found = _read_json(out_fs, options_path)
+    retry = options.retry_policy()
+    if _exists(out_fs, options_path, retry):
+        found = _read_json(out_fs, options_path, retry)
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise ValueError(
@@ -637,20 +715,20 @@ def _load_progress(
                 "input to resume, or choose an empty --output"
             )
     else:
-        _write_json(out_fs, options_path, wanted)
+        _write_json(out_fs, options_path, wanted, retry)
     done: dict[str, list[ShardRecord]] = {}
     tails: dict[str, list[dict[str, Any]]] = {}
     for split in splits:
         records: list[ShardRecord] = []
         while True:
             path = storage.join(progress_root, shard_name(options.prefix, split, len(records)))
-            if not out_fs.exists(path + ".json"):
+            if not _exists(out_fs, path + ".json", retry):
                 break
-            records.append(ShardRecord(**_read_json(out_fs, path + ".json")))
+            records.append(ShardRecord(**_read_json(out_fs, path + ".json", retry)))
         done[split] = records
         tail_path = storage.join(progress_root, f"{split}.complete.json")
-        if out_fs.exists(tail_path):
-            tails[split] = _read_json(out_fs, tail_path)["skipped"]
+        if _exists(out_fs, tail_path, retry):
+            tails[split] = _read_json(out_fs, tail_path, retry)["skipped"]
     return done, tails
 
 
@@ -663,6 +741,9 @@ def build_manifest(
     shards = [r for split in sorted(records) for r in records[split]]
     num_written = sum(r.count for r in shards)
     by_reason = collections.Counter(s["reason"] for s in skips)
+    converted: collections.Counter[str] = collections.Counter()
+    for record in shards:
+        converted.update(record.converted)
     return {
         "format_version": MANIFEST_VERSION,
         "options": options.fingerprint(),
@@ -690,6 +771,8 @@ def build_manifest(
             "written": num_written,
             "skipped": len(skips),
             "skipped_by_reason": dict(sorted(by_reason.items())),
+            "converted": sum(converted.values()),
+            "converted_by_reason": dict(sorted(converted.items())),
         },
     }
 
@@ -704,8 +787,9 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     """Run every stage; return the manifest. Safe to rerun after a crash."""
     options.validate()
     started = time.monotonic()
-    out_fs, out_root = storage.url_to_fs(options.output)
-    if out_fs.isfile(out_root):
+    retry = options.retry_policy()
+    out_fs, out_root = storage.url_to_fs_for_retries(options.output, _STORE_TIMEOUT_SECONDS)
+    if _retried(out_fs, retry, "check", out_root, lambda: bool(out_fs.isfile(out_root))):
         raise ValueError(f"--output {storage.redact_url(options.output)} is a file, not a folder")
     try:
         rows = list(read_rows(options.input, options.csv_separator))
@@ -739,6 +823,7 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
                     out_fs,
                     storage.join(out_root, PROGRESS_DIR, f"{split}.complete.json"),
                     {"skipped": tail},
+                    retry,
                 )
             skips += [s for r in records[split] for s in r.skipped] + tails[split]
     skips.sort(key=lambda s: s["row"])
@@ -746,12 +831,12 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     counts = manifest["rows"]
     assert counts["read"] == counts["written"] + counts["skipped"], counts
     sizes = {r["name"]: r["count"] for r in manifest["shards"]}
-    _write_json(out_fs, storage.join(out_root, "sizes.json"), sizes)
+    _write_json(out_fs, storage.join(out_root, "sizes.json"), sizes, retry)
     skipped_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skips)
     storage.write_bytes_atomic(
-        out_fs, storage.join(out_root, "skipped.jsonl"), skipped_text.encode("utf-8")
+        out_fs, storage.join(out_root, "skipped.jsonl"), skipped_text.encode("utf-8"), retry
     )
-    _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest)
+    _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest, retry)
     _print_summary(manifest, time.monotonic() - started, num_total)
     return manifest
 
@@ -793,6 +878,8 @@ def _print_summary(manifest: dict[str, Any], seconds: float, num_images: int) ->
     )
     for reason, count in rows["skipped_by_reason"].items():
         print(f"  skipped {count:>8} {reason}", file=sys.stderr)
+    for reason, count in rows["converted_by_reason"].items():
+        print(f"  converted {count:>6} {reason} (written)", file=sys.stderr)
     for split, info in manifest["splits"].items():
         print(
             f"  {split:>8}: {info['samples']} samples in {info['shards']} shards "
@@ -835,6 +922,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=FigureOptions.max_image_bytes)
     p.add_argument("--max-caption-chars", type=int, default=100_000)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    p.add_argument(
+        "--upload-max-attempts",
+        type=int,
+        default=ShardOptions.upload_max_attempts,
+        help="tries of each call on an object-store --output before the run stops",
+    )
+    p.add_argument(
+        "--upload-backoff-seconds",
+        type=float,
+        default=ShardOptions.upload_backoff_seconds,
+        help="first wait between tries; doubles each time (jittered, at most 60 s)",
+    )
     return p
 
 
@@ -865,6 +964,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
         ),
         workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
         strict=args.strict,
+        upload_max_attempts=args.upload_max_attempts,
+        upload_backoff_seconds=args.upload_backoff_seconds,
     )
 
 
@@ -875,6 +976,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except storage.StorageError as e:
+        print(
+            f"make_shards: error: {e}\nFinished shards are recorded in {PROGRESS_DIR}/: rerun "
+            "the same command to resume after the last of them.",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps({"rows": manifest["rows"], "splits": manifest["splits"]}, indent=1))
     return 0
 

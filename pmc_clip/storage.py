@@ -73,6 +73,22 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def url_to_fs_for_retries(
+    url: str, timeout_seconds: float
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Like `url_to_fs`, for a caller that retries with `retry_call`: an object store gets
+    no retries of its own (botocore's and s3fs's would multiply attempts and hide them)
+    and a bounded connect/read timeout, so a stalled request fails and is retried."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol not in _S3_PROTOCOLS:
+        return url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(
+        url, skip_instance_cache=True, config_kwargs=_s3_single_attempt_config(timeout_seconds)
+    )
+    fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
+    return fs, path.rstrip("/")
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -98,26 +114,35 @@ def staging_path(fs: fsspec.AbstractFileSystem, dest: str) -> str:
     return tmp
 
 
-def publish(fs: fsspec.AbstractFileSystem, staged: str, dest: str) -> None:
+def publish(
+    fs: fsspec.AbstractFileSystem, staged: str, dest: str, retry: RetryPolicy | None = None
+) -> None:
     """Make the staged file visible as `dest` all at once; the staged file is consumed.
 
     Local: os.replace (atomic on POSIX), so a reader never sees half a file and a crash
     leaves only a `.tmp-` file. Remote: one put; object stores show an object only once
-    its upload has completed.
+    its upload has completed. With `retry`, a failed put is repeated (a PUT of the same
+    bytes is idempotent) and StorageError names `dest` once every attempt has failed.
     """
     try:
         if is_local(fs):
             os.chmod(staged, 0o666 & ~_UMASK)
             os.replace(staged, dest)
-        else:
+        elif retry is None:
             fs.put_file(staged, dest)
+        else:
+            retry_call(
+                "upload", fs.unstrip_protocol(dest), retry, lambda: fs.put_file(staged, dest)
+            )
     finally:
         if os.path.exists(staged):
             os.unlink(staged)
 
 
 @contextmanager
-def local_staging_file(fs: fsspec.AbstractFileSystem, dest: str) -> Iterator[str]:
+def local_staging_file(
+    fs: fsspec.AbstractFileSystem, dest: str, retry: RetryPolicy | None = None
+) -> Iterator[str]:
     """Yield a local path to write; on success it is published as `dest`."""
     tmp = staging_path(fs, dest)
     try:
@@ -125,11 +150,13 @@ def local_staging_file(fs: fsspec.AbstractFileSystem, dest: str) -> Iterator[str
     except BaseException:
         os.unlink(tmp)
         raise
-    publish(fs, tmp, dest)
+    publish(fs, tmp, dest, retry)
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes) -> None:
-    with local_staging_file(fs, dest) as tmp, open(tmp, "wb") as f:
+def write_bytes_atomic(
+    fs: fsspec.AbstractFileSystem, dest: str, data: bytes, retry: RetryPolicy | None = None
+) -> None:
+    with local_staging_file(fs, dest, retry) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
@@ -137,6 +164,94 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     data = fs.cat_file(path)
     assert isinstance(data, bytes)
     return data
+
+
+# --------------------------------------------------------------------------- retries
+#
+# Object stores fail transiently (503 SlowDown, dropped connections, timeouts) many times a
+# day at scale. One retry loop, ours, with exponential backoff and jitter: the store
+# clients' own loops are switched off where we retry, so attempts are counted once.
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+
+    def validate(self, flag: str) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"{flag} must be >= 1, got {self.max_attempts}")
+        if self.backoff_seconds < 0 or self.backoff_max_seconds < self.backoff_seconds:
+            raise ValueError(
+                f"retry backoff must be >= 0 and <= its maximum, got {self.backoff_seconds} "
+                f"and {self.backoff_max_seconds}"
+            )
+
+
+class StorageError(OSError):
+    """A storage call failed for good (a permanent error, or every attempt); the message
+    names the object by its redacted URL and says how often it was tried."""
+
+
+# Errors that retrying cannot fix (a missing object, denied access, a wrong call);
+# everything else (connection reset, timeouts, 5xx, throttling, truncated bodies) is
+# treated as transient.
+_PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    NotImplementedError,
+)
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def retry_call(
+    what: str,
+    url: str,
+    policy: RetryPolicy,
+    call: Callable[[], _T],
+    error: type[StorageError] = StorageError,
+    on_retry: Callable[[], None] | None = None,
+) -> _T:
+    """Run `call`, retrying transient errors with exponential backoff and jitter; raise
+    `error` (message: `what`, the redacted URL, the attempts, the last error) when an
+    error is permanent or every attempt failed."""
+    delay = policy.backoff_seconds
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            return call()
+        except _PERMANENT_ERRORS as exc:
+            raise error(f"{what} {redact_url(url)}: {_describe(exc, url)}") from None
+        except Exception as exc:
+            if attempt == policy.max_attempts:
+                raise error(
+                    f"{what} {redact_url(url)} failed {attempt} times, last: {_describe(exc, url)}"
+                ) from None
+            if on_retry is not None:
+                on_retry()
+            _log.info("retrying %s %s: %s", what, redact_url(url), _describe(exc, url))
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, policy.backoff_max_seconds)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """An exception as text, with any copy of the raw URL replaced by its redacted form."""
+    return f"{type(exc).__name__}: {exc}".replace(url, redact_url(url))
+
+
+def _s3_single_attempt_config(timeout_seconds: float) -> dict[str, Any]:
+    """botocore settings for one attempt per call, with bounded connect and read waits."""
+    return {
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
+        "connect_timeout": timeout_seconds,
+        "read_timeout": timeout_seconds,
+    }
 
 
 # --------------------------------------------------------------------------- shard reading
@@ -148,7 +263,7 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 # costs one retried request, not the shard, and no sample is read twice.
 
 
-class ShardReadError(OSError):
+class ShardReadError(StorageError):
     """A shard could not be read after every retry; the message carries a redacted URL."""
 
 
@@ -176,21 +291,6 @@ class ShardReadCounters:
         return dataclasses.asdict(self)
 
 
-# Errors that retrying cannot fix (a missing object, denied access, a wrong call);
-# everything else (connection reset, timeouts, 5xx, throttling, truncated bodies) is
-# treated as transient.
-_PERMANENT_ERRORS = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    TypeError,
-    ValueError,
-    AttributeError,
-    NotImplementedError,
-)
-
-
 class ShardFilesystems:
     """The fsspec filesystems one data stream reads shards with, created on first use in
     the process that reads (a filesystem inherited through fork -- s3fs holds an event
@@ -210,16 +310,11 @@ class ShardFilesystems:
 
 def _new_filesystem(protocol: str, options: ShardReadOptions) -> fsspec.AbstractFileSystem:
     storage_options: dict[str, Any] = {"skip_instance_cache": True}
-    if protocol in ("s3", "s3a"):
+    if protocol in _S3_PROTOCOLS:
         # One retry policy, ours: botocore's and s3fs's own retries would multiply attempts
         # and hide them from the counters. Endpoint and credentials come from the usual AWS
         # environment and config (AWS_ENDPOINT_URL_S3, profiles, instance metadata).
-        timeout = options.timeout_seconds
-        storage_options["config_kwargs"] = {
-            "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "connect_timeout": timeout,
-            "read_timeout": timeout,
-        }
+        storage_options["config_kwargs"] = _s3_single_attempt_config(options.timeout_seconds)
     fs = fsspec.filesystem(protocol, **storage_options)
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
@@ -233,29 +328,17 @@ def _retrying(
     counters: ShardReadCounters,
     call: Callable[[], _T],
 ) -> _T:
-    """Run `call`, retrying transient errors with exponential backoff and jitter."""
-    delay = options.backoff_seconds
-    for attempt in range(1, options.max_attempts + 1):
-        try:
-            counters.requests += 1
-            return call()
-        except _PERMANENT_ERRORS as exc:
-            raise ShardReadError(f"{what} {redact_url(url)}: {_describe(exc, url)}") from None
-        except Exception as exc:
-            if attempt == options.max_attempts:
-                raise ShardReadError(
-                    f"{what} {redact_url(url)} failed {attempt} times, last: {_describe(exc, url)}"
-                ) from None
-            counters.retries += 1
-            _log.info("retrying %s %s: %s", what, redact_url(url), _describe(exc, url))
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(2 * delay, options.backoff_max_seconds)
-    raise AssertionError("unreachable")
+    """`retry_call` for a shard read, counting requests and retries."""
 
+    def attempt() -> _T:
+        counters.requests += 1
+        return call()
 
-def _describe(exc: BaseException, url: str) -> str:
-    """An exception as text, with any copy of the raw URL replaced by its redacted form."""
-    return f"{type(exc).__name__}: {exc}".replace(url, redact_url(url))
+    def count_retry() -> None:
+        counters.retries += 1
+
+    policy = RetryPolicy(options.max_attempts, options.backoff_seconds, options.backoff_max_seconds)
+    return retry_call(what, url, policy, attempt, ShardReadError, count_retry)
 
 
 class RangeReader(io.RawIOBase):
