@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -468,8 +469,9 @@ class ShardStream(IterableDataset):
         counters = WorkerCounters(worker=worker)
         # Filesystems are created lazily in this process (s3fs is not fork-safe).
         storage.register_webdataset_opener(spec.read_options, counters.read)
-        samples = self._train_samples(worker, counters) if spec.train else None
-        if samples is None:
+        if spec.train:
+            samples = self._train_samples(worker, counters)
+        else:
             samples = self._eval_samples(worker, num_workers, counters)
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
         for batch in _batches(samples, batch_size, drop_partial=spec.train):
@@ -517,7 +519,7 @@ class ShardStream(IterableDataset):
         )
         urls = spec.dataset.urls
         num_yielded = 0
-        for rep in range(1_000_000):
+        for rep in itertools.count():  # a pass over the worker's shards, repeated if short
             if spec.config.dataset_resampled:
                 rep_urls: Iterable[str] = resampled_shards(
                     urls, spec.dataset.weights, spec.seed, spec.epoch, spec.rank, worker, rep
@@ -544,7 +546,6 @@ class ShardStream(IterableDataset):
                     f"gave no readable sample ({counters.stream_errors} shard errors, "
                     f"{counters.samples_bad} bad samples); check the shards and the logs"
                 )
-        raise AssertionError("unreachable: every pass yields at least one sample")
 
     def _eval_samples(
         self, worker: int, num_workers: int, counters: WorkerCounters
