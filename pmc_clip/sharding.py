@@ -795,10 +795,17 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
         rows = list(read_rows(options.input, options.csv_separator))
     except FileNotFoundError:
         raise ValueError(f"--input {storage.redact_url(options.input)} does not exist") from None
+    except ValueError:
+        raise
+    except Exception as e:  # the store's own errors (botocore's are not OSErrors)
+        raise storage.StorageError(
+            f"cannot read --input {storage.redact_url(options.input)}: "
+            f"{storage.describe_error(e, options.input)}"
+        ) from None
     samples_by_split, plan_skips, num_rows = plan(rows, options)
     _check_image_root(options, samples_by_split)
     split_names = sorted(samples_by_split)
-    _remove_stale_staging_files(out_fs, out_root)
+    storage.remove_stale_staging_files(out_fs, out_root)
     done, tails = _load_progress(out_fs, out_root, options, samples_by_split)
     num_total = sum(len(s) for s in samples_by_split.values())
     records: dict[str, list[ShardRecord]] = {}
@@ -839,14 +846,6 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest, retry)
     _print_summary(manifest, time.monotonic() - started, num_total)
     return manifest
-
-
-def _remove_stale_staging_files(out_fs: fsspec.AbstractFileSystem, out_root: str) -> None:
-    """A run killed with -9 leaves its half-written `.tmp-*` shard behind (local output
-    only: object stores never show a partial upload). Nothing else reads them."""
-    if storage.is_local(out_fs) and out_fs.isdir(out_root):
-        for path in out_fs.glob(storage.join(out_root, ".tmp-*")):
-            out_fs.rm_file(path)
 
 
 def _check_image_root(

@@ -139,6 +139,15 @@ def publish(
             os.unlink(staged)
 
 
+def remove_stale_staging_files(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """A writer killed with -9 leaves its half-written `.tmp-*` file behind (local folders
+    only: object stores never show a partial upload). Call it where one writer owns the
+    folder (make_shards' output, rank 0's checkpoint folder); nothing reads those files."""
+    if is_local(fs) and fs.isdir(folder):
+        for path in fs.glob(join(folder, ".tmp-*")):
+            fs.rm_file(path)
+
+
 @contextmanager
 def local_staging_file(
     fs: fsspec.AbstractFileSystem, dest: str, retry: RetryPolicy | None = None
@@ -241,8 +250,35 @@ def retry_call(
 
 
 def _describe(exc: BaseException, url: str) -> str:
-    """An exception as text, with any copy of the raw URL replaced by its redacted form."""
-    return f"{type(exc).__name__}: {exc}".replace(url, redact_url(url))
+    return describe_error(exc, url)
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """An exception as text, safe to print: any copy of the raw URL is replaced by its
+    redacted form, and any copy of its secrets (user info, secret query values) that the
+    error quotes on its own (botocore quotes a bucket name "user:TOKEN@bucket") by
+    REDACTED."""
+    text = f"{type(exc).__name__}: {exc}".replace(url, redact_url(url))
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "REDACTED")
+    return text
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The user info and secret query values of every link of an fsspec URL chain."""
+    secrets = []
+    for piece in url.split("::"):
+        split = urlsplit(piece)
+        if not split.scheme:
+            continue
+        if "@" in split.netloc:
+            secrets.append(split.netloc.rsplit("@", 1)[0])
+        secrets += [
+            value
+            for name, value in parse_qsl(split.query, keep_blank_values=True)
+            if value and any(w in name.lower() for w in _SECRET_QUERY_WORDS)
+        ]
+    return sorted(set(secrets), key=len, reverse=True)  # longest first: no partial leftovers
 
 
 def _s3_single_attempt_config(timeout_seconds: float) -> dict[str, Any]:
