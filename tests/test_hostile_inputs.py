@@ -14,6 +14,7 @@ import io
 import json
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,21 +155,40 @@ def _hostile_csv(path: Path) -> dict[int, str]:
     }
 
 
+@dataclass(frozen=True)
+class Hostile:
+    files: dict[str, bytes]
+    expected_skips: dict[int, str]
+    out: Path
+    manifest: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Hostile:
+    """The hostile folder and CSV, sharded once (one worker process: figures cross IPC)."""
+    root = tmp_path_factory.mktemp("hostile")
+    files = _hostile_folder(root / "img")
+    expected_skips = _hostile_csv(root / "in.csv")
+    out = root / "out"
+    options = ShardOptions(
+        input=str(root / "in.csv"),
+        images=str(root / "img"),
+        output=str(out),
+        split="train",
+        shard_size=4,
+        workers=1,
+    )
+    return Hostile(files, expected_skips, out, make_shards(options))
+
+
 def test_hostile_folder_every_row_written_converted_or_skipped_with_a_reason(
-    tmp_path: Path,
+    hostile: Hostile,
 ) -> None:
-    files = _hostile_folder(tmp_path / "img")
-    expected_skips = _hostile_csv(tmp_path / "in.csv")
-    out = tmp_path / "out"
-    manifest = make_shards(
-        ShardOptions(
-            input=str(tmp_path / "in.csv"),
-            images=str(tmp_path / "img"),
-            output=str(out),
-            split="train",
-            shard_size=4,
-            workers=1,
-        )
+    files, expected_skips, out, manifest = (
+        hostile.files,
+        hostile.expected_skips,
+        hostile.out,
+        hostile.manifest,
     )
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {s["row"]: s["reason"] for s in skipped} == expected_skips
@@ -221,21 +241,12 @@ def test_hostile_folder_every_row_written_converted_or_skipped_with_a_reason(
     assert meta["grey16"]["original_mode"].startswith("I")
 
 
-def test_trainer_loader_reads_every_written_hostile_sample(tmp_path: Path) -> None:
+def test_trainer_loader_reads_every_written_hostile_sample(
+    hostile: Hostile, tmp_path: Path
+) -> None:
     """End to end: the shards written from hostile input decode in the training pipeline
     (no bad sample) and every written key arrives exactly once."""
-    _hostile_folder(tmp_path / "img")
-    _hostile_csv(tmp_path / "in.csv")
-    out = tmp_path / "out"
-    manifest = make_shards(
-        ShardOptions(
-            input=str(tmp_path / "in.csv"),
-            images=str(tmp_path / "img"),
-            output=str(out),
-            split="train",
-            shard_size=4,
-        )
-    )
+    out, manifest = hostile.out, hostile.manifest
     pattern = str(out / manifest["splits"]["train"]["pattern"])
     tokenizer = caption_tokenizer(tmp_path / "tokenizer")
     cfg = DataConfig(val_data=pattern, val_batch_size=4, num_workers=0, image_size=16)
