@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
@@ -104,7 +104,7 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
     dest = storage.join(root, name)
     staged = storage.staging_path(fs, dest)
     try:
-        torch.save(state, staged)
+        _torch_save(state, staged)
         digest, num_bytes = _sha256_file(staged)
         storage.publish(fs, staged, dest)
     except OSError as e:
@@ -125,6 +125,36 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
     storage.write_bytes_atomic(fs, storage.join(root, LATEST), json.dumps(info).encode())
     _prune_step_checkpoints(fs, root, keep_last, keep=name)
     return storage.join(directory, name)
+
+
+class _ErrorKeepingWriter:
+    """torch.save reports a failed write (ENOSPC, EIO) as a bare RuntimeError from its C++
+    zip writer; this wrapper keeps the OSError so the caller can say what happened."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(state: dict[str, Any], path: str) -> None:
+    with open(path, "wb") as file:
+        writer = _ErrorKeepingWriter(file)
+        try:
+            torch.save(state, writer)  # type: ignore[arg-type]
+        except RuntimeError as e:
+            if writer.error is not None:
+                raise writer.error from e
+            raise
 
 
 def _sha256_file(path: str) -> tuple[str, int]:

@@ -128,7 +128,7 @@ class Trainer:
             else None
         )
         self.last_save_time = time.monotonic()
-        self._save_config()
+        self._prepare_run_dir()
         self.log.info(
             "world size %d (%s launcher), device %s, %d steps per epoch, %d epochs, "
             "%d samples per epoch",
@@ -190,8 +190,10 @@ class Trainer:
         for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
 
-    def _save_config(self) -> None:
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: clear what a killed save left behind, write the resolved config."""
         if self.rank == 0:
+            storage.remove_stale_staging_files(*storage.url_to_fs(self.checkpoint_dir))
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(self.config.to_dict(), f, indent=1)
@@ -214,6 +216,20 @@ class Trainer:
             return 0
         except TrainingStopped as e:
             self.log.error("%s", e)
+            return 1
+        except RuntimeError as e:
+            if self.world_size == 1:
+                raise  # no peers: a bug, with its traceback
+            # gloo and NCCL report a dead peer, a broken link or a collective that timed
+            # out (--dist-timeout-seconds) as RuntimeError/DistError from the collective.
+            self.log.error(
+                "stopping at step %d: a collective with the other ranks failed (a rank died, "
+                "the network broke, or a rank hung for --dist-timeout-seconds). The requeued "
+                "job resumes from the last checkpoint. Cause: %s",
+                self.step,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
+            self.log.debug("collective failure", exc_info=True)
             return 1
         finally:
             self.scalars.close()
@@ -302,8 +318,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.step += 1  # steps are counted 1-based in logs, metrics and checkpoint names
         self._count_nonfinite(nonfinite)
-        self.step += 1
         return StepResult(loss_sums, grad_norm.detach(), nonfinite, stop_now, save_due)
 
     def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,237 @@
+"""Training under faults: a rank killed or hung, kill -9 mid-checkpoint, NaN, disk full."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import free_port
+from helpers_train import (
+    DEADLINE_SECONDS,
+    build_train_data,
+    metrics_by_step,
+    run,
+    train_args,
+    train_command,
+)
+
+from pmc_clip import checkpoint
+from pmc_clip.config import parse_run_config
+from pmc_clip.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return build_train_data(tmp_path_factory.mktemp("fault-data"))
+
+
+def _wait_for_steps(run_dir: Path, num_steps: int, procs: list[subprocess.Popen[str]]) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= num_steps):
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "training did not reach the step in time"
+        time.sleep(0.02)
+
+
+def _start_ranks(args: list[str], world_size: int) -> list[subprocess.Popen[str]]:
+    """One process per rank, started the way launch/pretrain_8node.sh's srun tasks are."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                train_command(*args),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill -9", "hang"])
+def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(
+    data: dict[str, str], tmp_path: Path, fault: str
+) -> None:
+    timeout_seconds = 8
+    args = train_args(
+        data, tmp_path, "job", "--epochs", "50", "--dist-timeout-seconds", str(timeout_seconds)
+    )
+    procs = _start_ranks(args, world_size=2)
+    try:
+        _wait_for_steps(tmp_path / "job", 3, procs)
+        procs[1].send_signal(signal.SIGKILL if fault == "kill -9" else signal.SIGSTOP)
+        faulted = time.monotonic()
+        output, _ = procs[0].communicate(timeout=DEADLINE_SECONDS)
+        waited = time.monotonic() - faulted
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert procs[0].returncode == 1, output[-3000:]
+    # Bounded by --dist-timeout-seconds (plus a step), not NCCL's default 30 minutes.
+    assert waited < timeout_seconds + 30, waited
+    assert "a collective with the other ranks failed" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    args = train_args(
+        data,
+        tmp_path,
+        "job",
+        "--epochs",
+        "2",
+        "--save-every-n-steps",
+        "1",
+        "--keep-last",
+        "2",
+        "--resume",
+        "latest",
+    )
+    checkpoints = tmp_path / "job" / "checkpoints"
+    proc = subprocess.Popen(
+        train_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    try:
+        # Once a checkpoint exists, kill the moment the next one is half-written.
+        while not ((checkpoints / "latest.json").exists() and any(checkpoints.glob(".tmp-step_*"))):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    latest = checkpoint.resolve_latest(str(checkpoints))
+    assert latest is not None
+    state = checkpoint.load_checkpoint(latest)  # complete and matching its sha256
+    assert state["step"] >= 1
+    result = run(train_command(*args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {latest} at epoch" in (tmp_path / "job" / "out.log").read_text()
+    assert not list(checkpoints.glob(".tmp-*"))
+    assert max(metrics_by_step(tmp_path / "job")) == 2 * 16
+
+
+@pytest.fixture()
+def in_process(data: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """Build Trainers in this process (so a test can reach into the loss); the handlers
+    the Trainer installs for SIGTERM/SIGUSR1 are put back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def build(name: str, *extra: str) -> Trainer:
+        args = train_args(data, tmp_path, name, "--epochs", "1", *extra)
+        return Trainer(parse_run_config(args))
+
+    yield build
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _poison(trainer: Trainer, nan_steps: set[int]) -> dict[int, float]:
+    """Make the loss NaN at `nan_steps` (1-based); return a parameter checksum per step."""
+    real_loss, real_step = trainer.loss_fn, trainer._step
+    checksums: dict[int, float] = {0: _checksum(trainer)}
+
+    def loss_fn(outputs: dict[str, torch.Tensor], mlm_labels: Any) -> dict[str, torch.Tensor]:
+        losses = real_loss(outputs, mlm_labels)
+        if trainer.step + 1 in nan_steps:  # the step being computed
+            return {name: value * float("nan") for name, value in losses.items()}
+        return losses
+
+    def step(group: list[dict[str, Any]]) -> Any:
+        result = real_step(group)
+        checksums[trainer.step] = _checksum(trainer)
+        return result
+
+    trainer.loss_fn = loss_fn  # type: ignore[assignment]
+    trainer._step = step  # type: ignore[method-assign]
+    return checksums
+
+
+def _checksum(trainer: Trainer) -> float:
+    return float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+
+
+def test_nan_loss_steps_are_skipped_and_counted(in_process: Any, tmp_path: Path) -> None:
+    trainer = in_process("nan")
+    checksums = _poison(trainer, nan_steps={3, 4})
+    assert trainer.fit() == 0
+    assert checksums[3] == checksums[4] == checksums[2]  # skipped: weights untouched
+    assert checksums[5] != checksums[4]  # and training goes on
+    metrics = metrics_by_step(tmp_path / "nan")
+    assert metrics[2]["train/nonfinite_steps"] == 0 and metrics[16]["train/nonfinite_steps"] == 2
+    assert all(metrics[s]["train/loss"] == metrics[s]["train/loss"] for s in (2, 5, 16))
+
+
+def test_too_many_nan_steps_stop_with_the_last_good_weights(
+    in_process: Any, tmp_path: Path
+) -> None:
+    trainer = in_process("nan-stop", "--max-consecutive-nonfinite", "3")
+    checksums = _poison(trainer, nan_steps=set(range(5, 100)))
+    assert trainer.fit() == 1
+    log = (tmp_path / "nan-stop" / "out.log").read_text()
+    assert "3 non-finite steps in a row at step 7: stopping" in log
+    latest = checkpoint.resolve_latest(str(tmp_path / "nan-stop" / "checkpoints"))
+    assert latest is not None and latest.endswith("step_7.pt")
+    saved = checkpoint.load_checkpoint(latest)
+    trainer.model.load_state_dict(saved["model"])
+    assert _checksum(trainer) == checksums[4]  # the weights after the last good step
+
+
+def test_disk_full_on_the_checkpoint_path_stops_cleanly(in_process: Any, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+    full = tmp_path / "small-disk"
+    full.mkdir()
+    trainer = in_process("full", "--checkpoint-dir", str(full), "--save-every-n-steps", "2")
+    # Before the first step the optimizer holds no state; AdamW's two moments then add
+    # twice the weights: a checkpoint is ~3x this. Room for one (and its json), not two.
+    weights_only_size = io_size(trainer)
+    size_kib = int(weights_only_size * 4.5) // 1024
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(full)], check=True
+    )
+    try:
+        assert trainer.fit() == 1
+        log = (tmp_path / "full" / "out.log").read_text()
+        assert "could not write checkpoint" in log and "No space left on device" in log
+        assert checkpoint.resolve_latest(str(full)) == f"{full}/step_2.pt"
+        assert checkpoint.load_checkpoint(f"{full}/step_2.pt")["step"] == 2
+        assert sorted(os.listdir(full)) == ["latest.json", "step_2.pt", "step_2.pt.json"]
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def io_size(trainer: Trainer) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(trainer._state_dict(trainer._gather_rng_states()), buffer)
+    return buffer.tell()
