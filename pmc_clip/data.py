@@ -399,17 +399,18 @@ def decode_and_transform(
             warn(f"{sample.get('__key__')!r} in {url}: {type(exc).__name__}: {exc}")
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], images_uint8: bool) -> dict[str, Any]:
     pixels = transforms.stack_images([s["image"] for s in samples])
-    images = torch.empty(pixels.shape, dtype=torch.float32)
+    images = torch.empty(pixels.shape, dtype=torch.uint8 if images_uint8 else torch.float32)
     if get_worker_info() is not None:
         # Written straight into shared memory: the batch then reaches the trainer's
         # process without the extra copy torch makes of a private tensor.
         images.share_memory_()
-    batch: dict[str, Any] = {
-        "images": transforms.normalize_batch(pixels, out=images),
-        "keys": [s["key"] for s in samples],
-    }
+    if images_uint8:
+        images.copy_(pixels)  # contiguous [B, 3, H, W]
+    else:
+        transforms.normalize_batch(pixels, out=images)
+    batch: dict[str, Any] = {"images": images, "keys": [s["key"] for s in samples]}
     for name in samples[0]:
         if name not in ("image", "key"):
             batch[name] = torch.stack([s[name] for s in samples])
@@ -476,7 +477,7 @@ class ShardStream(IterableDataset):
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
         for batch in _batches(samples, batch_size, drop_partial=spec.train):
             counters.samples_delivered += len(batch)
-            out = collate(batch)
+            out = collate(batch, spec.config.images_uint8)
             out[STATS_KEY] = counters.as_dict()
             yield out
 

@@ -101,7 +101,9 @@ def crop_to_tensor(
     [3, image_size, image_size] tensor: a channel-first view of PIL's [H, W, 3] pixels
     (no copy; `normalize_batch` makes the one copy, per batch)."""
     scaled_box = _draft(image, box, image_size)
-    rgb = image.convert("RGB")  # decodes; palette/greyscale/alpha/CMYK all end as RGB
+    # Palette/greyscale/alpha/CMYK end as RGB; an RGB image is used as is (resize decodes
+    # it; convert would decode and then copy it).
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
     resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=scaled_box)
     return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
 
@@ -133,6 +135,22 @@ def normalize_batch(pixels: torch.Tensor, out: torch.Tensor | None = None) -> to
     if out is None:
         out = torch.empty(pixels.shape, dtype=torch.float32)
     out.copy_(pixels)
-    scale = 1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1))
-    shift = -torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0 * scale
+    scale, shift = _scale_and_shift(out.device)
     return out.mul_(scale).add_(shift)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalise a batch wherever it is: uint8 [B, 3, H, W] (loaders built with
+    `images_uint8`, after `.to(device)`) -> float32; a float batch is returned as is."""
+    if images.is_floating_point():
+        return images
+    scale, shift = _scale_and_shift(images.device)
+    return torch.addcmul(shift, images.float(), scale)
+
+
+def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_normalised = x_uint8 * scale + shift, per channel ([1, 3, 1, 1] each)."""
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    return scale, -mean / std

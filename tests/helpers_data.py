@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from helpers_text import build_tokenizer
 
+from pmc_clip.config import DataConfig
 from pmc_clip.sharding import ShardOptions, make_key, make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate
 from pmc_clip.tokenize import CaptionTokenizer
@@ -70,6 +71,23 @@ def all_keys(manifest: dict[str, Any], jsonl: str) -> set[str]:
     rows = Path(jsonl).read_text().splitlines()
     assert manifest["rows"]["written"] == len(rows)
     return {make_key(json.loads(row)["image"]) for row in rows}
+
+
+def data_config(train_data: str | None, **overrides: Any) -> DataConfig:
+    """A DataConfig for tests: tiny images and buffers, 2 workers, batch 8."""
+    settings: dict[str, Any] = {
+        "train_data": train_data,
+        "batch_size": 8,
+        "num_workers": 2,
+        "prefetch_factor": 2,
+        "pin_memory": False,
+        "image_size": IMAGE_SIZE,
+        "shuffle_buffer_samples": 64,
+        "shuffle_initial_samples": 16,
+        "read_backoff_seconds": 0.01,
+        "read_backoff_max_seconds": 0.05,
+    }
+    return DataConfig(**(settings | overrides))
 
 
 def caption_tokenizer(directory: Path, mlm_probability: float = 0.15) -> CaptionTokenizer:

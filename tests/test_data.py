@@ -21,6 +21,7 @@ from helpers_data import (
     all_keys,
     caption_tokenizer,
     collect,
+    data_config,
     deadline,
     keys_of,
     make_figures,
@@ -84,20 +85,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> CaptionTokenizer:
     return caption_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-def config(train_data: str | None, **overrides: Any) -> DataConfig:
-    settings: dict[str, Any] = {
-        "train_data": train_data,
-        "batch_size": 8,
-        "num_workers": 2,
-        "prefetch_factor": 2,
-        "pin_memory": False,
-        "image_size": IMAGE_SIZE,
-        "shuffle_buffer_samples": 64,
-        "shuffle_initial_samples": 16,
-    }
-    return DataConfig(**(settings | overrides))
-
-
 def run_ranks(
     cfg: DataConfig, tokenizer: CaptionTokenizer, world_size: int, seed: int = 0, epoch: int = 0
 ) -> list[list[dict[str, Any]]]:
@@ -115,7 +102,7 @@ def run_ranks(
 def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
     even: Shards, tokenizer: CaptionTokenizer
 ) -> None:
-    ranks = run_ranks(config(even.pattern), tokenizer, world_size=2)
+    ranks = run_ranks(data_config(even.pattern), tokenizer, world_size=2)
     assert [len(batches) for batches in ranks] == [10, 10]  # 160 / (8 x 2 ranks)
     delivered = [key for batches in ranks for key in keys_of(batches)]
     assert len(delivered) == len(set(delivered)) == 160
@@ -128,7 +115,7 @@ def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
         "images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "keys"
     }  # fmt: skip
     # Shards shuffled per epoch: the next epoch is the same set in another order.
-    next_epoch = run_ranks(config(even.pattern), tokenizer, world_size=2, epoch=1)
+    next_epoch = run_ranks(data_config(even.pattern), tokenizer, world_size=2, epoch=1)
     next_keys = [keys_of(batches) for batches in next_epoch]
     assert set(next_keys[0]) | set(next_keys[1]) == even.keys
     assert next_keys[0] != keys_of(ranks[0])
@@ -137,7 +124,7 @@ def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
 def test_uneven_shards_give_every_rank_and_worker_the_same_batch_count(
     uneven: Shards, tokenizer: CaptionTokenizer
 ) -> None:
-    cfg = config(uneven.pattern, batch_size=6)
+    cfg = data_config(uneven.pattern, batch_size=6)
     for world_size in (2, 3):
         ranks = run_ranks(cfg, tokenizer, world_size)
         # 160 // (6 x world x 2 workers) batches per worker, 2 workers per rank
@@ -153,19 +140,19 @@ def test_too_few_shards_for_ranks_times_workers_is_a_startup_error(
     even: Shards, tokenizer: CaptionTokenizer
 ) -> None:
     with pytest.raises(ValueError, match=r"16 shards for 4 ranks x 8 workers.*--dataset-resampled"):
-        build_train_loader(config(even.pattern, num_workers=8), tokenizer, 0, 4, seed=0)
+        build_train_loader(data_config(even.pattern, num_workers=8), tokenizer, 0, 4, seed=0)
     # Resampling draws shards with replacement, so it works with the same shards.
     loader = build_train_loader(
-        config(even.pattern, num_workers=8, batch_size=2, dataset_resampled=True),
+        data_config(even.pattern, num_workers=8, batch_size=2, dataset_resampled=True),
         tokenizer, 0, 4, seed=0,
     )  # fmt: skip
     assert len(loader) == 8 * (160 // (2 * 4 * 8))
     with pytest.raises(ValueError, match="less than one batch per reader"):
-        build_train_loader(config(even.pattern, batch_size=64), tokenizer, 0, 2, seed=0)
+        build_train_loader(data_config(even.pattern, batch_size=64), tokenizer, 0, 2, seed=0)
 
 
 def test_resampled_streams_are_seeded(even: Shards, tokenizer: CaptionTokenizer) -> None:
-    cfg = config(even.pattern, dataset_resampled=True)
+    cfg = data_config(even.pattern, dataset_resampled=True)
     first = run_ranks(cfg, tokenizer, world_size=2, seed=7)
     again = run_ranks(cfg, tokenizer, world_size=2, seed=7)
     other = run_ranks(cfg, tokenizer, world_size=2, seed=8)
@@ -183,7 +170,7 @@ def test_resampled_streams_are_seeded(even: Shards, tokenizer: CaptionTokenizer)
 def test_resume_continues_the_stream_exactly(
     even: Shards, tokenizer: CaptionTokenizer, resampled: bool
 ) -> None:
-    cfg = config(even.pattern, dataset_resampled=resampled)
+    cfg = data_config(even.pattern, dataset_resampled=resampled)
     loader = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
     full = collect(loader)
     assert loader.state_dict()["step"] == len(full) == 10
@@ -211,7 +198,7 @@ def test_resume_continues_the_stream_exactly(
 def test_eval_loader_delivers_every_sample_once_with_a_partial_last_batch(
     uneven: Shards, tokenizer: CaptionTokenizer
 ) -> None:
-    cfg = dataclasses.replace(config(None, val_data=uneven.pattern), val_batch_size=16)
+    cfg = dataclasses.replace(data_config(None, val_data=uneven.pattern), val_batch_size=16)
     delivered: list[str] = []
     for rank in range(2):
         loader = build_eval_loader(cfg, tokenizer, rank, 2)
@@ -271,7 +258,7 @@ def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
     _write_tar(tmp_path / "mixed-0.tar", good[:3] + bad[:2])
     _write_tar(tmp_path / "mixed-1.tar", good[3:] + bad[2:])
     (tmp_path / "sizes.json").write_text(json.dumps({"mixed-0.tar": 5, "mixed-1.tar": 5}))
-    cfg = config(None, val_data=str(tmp_path / "mixed-{0..1}.tar"), num_workers=0)
+    cfg = data_config(None, val_data=str(tmp_path / "mixed-{0..1}.tar"), num_workers=0)
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING, logger="pmc_clip.data"):
         batches = collect(loader)
@@ -293,12 +280,12 @@ def test_missing_manifest_needs_num_samples(
         (bare / tar.name).symlink_to(tar)
     pattern = str(bare / Path(even.pattern).name)
     with pytest.raises(ValueError, match=r"no sizes\.json or manifest\.json.*--train-num-samples"):
-        build_train_loader(config(pattern), tokenizer, 0, 1, seed=0)
-    loader = build_train_loader(config(pattern, train_num_samples=64), tokenizer, 0, 1, seed=0)
+        build_train_loader(data_config(pattern), tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(data_config(pattern, train_num_samples=64), tokenizer, 0, 1, seed=0)
     assert len(loader) == 64 // (8 * 2) * 2
     # manifest.json alone is enough (sizes.json is OpenCLIP's; ours has both).
     (bare / "manifest.json").symlink_to(even.root / "manifest.json")
-    assert build_train_loader(config(pattern), tokenizer, 0, 1, seed=0).num_samples == 160
+    assert build_train_loader(data_config(pattern), tokenizer, 0, 1, seed=0).num_samples == 160
 
 
 def test_sources_joined_with_double_colon_weights_and_pipe(
@@ -306,22 +293,22 @@ def test_sources_joined_with_double_colon_weights_and_pipe(
 ) -> None:
     spec = f"{even.pattern}::{uneven.pattern}"
     assert [len(urls) for urls in expand_spec(spec)] == [16, 23]
-    loader = build_train_loader(config(spec), tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(data_config(spec), tokenizer, 0, 1, seed=0)
     assert loader.num_samples == 320  # both manifests read
     with pytest.raises(ValueError, match="needs --dataset-resampled"):
-        config(spec, train_data_upsampling_factors=(1.0, 3.0))
+        data_config(spec, train_data_upsampling_factors=(1.0, 3.0))
     with pytest.raises(ValueError, match="2 '::'-joined"):
-        config(spec, train_data_upsampling_factors=(1.0,), dataset_resampled=True)
-    weighted = config(spec, train_data_upsampling_factors=(1.0, 3.0), dataset_resampled=True)
+        data_config(spec, train_data_upsampling_factors=(1.0,), dataset_resampled=True)
+    weighted = data_config(spec, train_data_upsampling_factors=(1.0, 3.0), dataset_resampled=True)
     weighted_loader = build_train_loader(weighted, tokenizer, 0, 1, seed=0)
     assert weighted_loader.spec.dataset.num_samples == 160 + 3 * 160
     # A pipe: source has no manifest: its size must be given.
     first, last = (f"{even.root}/pmc-oa-train-{i:06d}.tar" for i in (0, 15))
     pipe = f"pipe:cat {first}::pipe:cat {last}"
     with pytest.raises(ValueError, match="--train-num-samples"):
-        build_train_loader(config(pipe), tokenizer, 0, 1, seed=0)
+        build_train_loader(data_config(pipe), tokenizer, 0, 1, seed=0)
     pipe_loader = build_train_loader(
-        config(pipe, train_num_samples=20, batch_size=5), tokenizer, 0, 1, seed=0
+        data_config(pipe, train_num_samples=20, batch_size=5), tokenizer, 0, 1, seed=0
     )
     assert len(set(keys_of(collect(pipe_loader)))) == 20
 
@@ -398,3 +385,20 @@ def test_draft_decode_matches_full_decode_and_normalisation() -> None:
     normalized = transforms.normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     expected = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(normalized[0, :, 0, 0], expected)
+
+
+def test_uint8_images_normalised_on_device_match_float_batches(
+    even: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    float_batches = collect(build_train_loader(data_config(even.pattern), tokenizer, 0, 2, seed=0))
+    uint8_loader = build_train_loader(
+        data_config(even.pattern, images_uint8=True), tokenizer, 0, 2, seed=0
+    )
+    uint8_batches = collect(uint8_loader)
+    assert keys_of(uint8_batches) == keys_of(float_batches)
+    for as_uint8, as_float in zip(uint8_batches, float_batches, strict=True):
+        assert as_uint8["images"].dtype == torch.uint8
+        assert as_uint8["images"].shape == as_float["images"].shape
+        normalized = transforms.normalize_images(as_uint8["images"])
+        assert torch.allclose(normalized, as_float["images"], atol=1e-5)
+    assert transforms.normalize_images(float_batches[0]["images"]) is float_batches[0]["images"]

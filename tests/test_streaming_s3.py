@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import FaultProxy
 from helpers_data import (
-    IMAGE_SIZE,
     all_keys,
     caption_tokenizer,
     collect,
+    data_config,
     keys_of,
     make_figures,
     write_shards,
 )
 
-from pmc_clip.config import DataConfig
 from pmc_clip.data import build_eval_loader, build_train_loader
 from pmc_clip.tokenize import CaptionTokenizer
 
@@ -44,28 +42,12 @@ def s3_shards(figures: tuple[str, str], bucket: str) -> tuple[str, set[str]]:
     return pattern, all_keys(manifest, figures[0])
 
 
-def config(train_data: str | None, **overrides: Any) -> DataConfig:
-    settings: dict[str, Any] = {
-        "train_data": train_data,
-        "batch_size": 8,
-        "num_workers": 2,
-        "prefetch_factor": 2,
-        "pin_memory": False,
-        "image_size": IMAGE_SIZE,
-        "shuffle_buffer_samples": 32,
-        "shuffle_initial_samples": 8,
-        "read_backoff_seconds": 0.01,
-        "read_backoff_max_seconds": 0.05,
-    }
-    return DataConfig(**(settings | overrides))
-
-
 def test_s3_epoch_over_two_ranks_is_exactly_the_dataset(
     figures: tuple[str, str], s3_bucket: str, tokenizer: CaptionTokenizer
 ) -> None:
     pattern, keys = s3_shards(figures, s3_bucket)
     # Small range requests: every shard is streamed in several GETs, none downloaded whole.
-    cfg = config(pattern, read_chunk_bytes=16 * 1024)
+    cfg = data_config(pattern, read_chunk_bytes=16 * 1024)
     delivered: list[str] = []
     for rank in range(2):
         loader = build_train_loader(cfg, tokenizer, rank, 2, seed=0)  # size from S3 manifest
@@ -90,7 +72,7 @@ def test_s3_faults_are_retried_and_every_sample_arrives_once(
     fault_proxy.fail_every = 3
     fault_proxy.actions = ("503", "drop", "reset", "stall")
     fault_proxy.stall_seconds = 3.0
-    cfg = config(pattern, read_chunk_bytes=16 * 1024, read_timeout_seconds=0.5)
+    cfg = data_config(pattern, read_chunk_bytes=16 * 1024, read_timeout_seconds=0.5)
     loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
     batches = collect(loader, seconds=90)
     assert len(batches) == len(loader) == 8
@@ -117,7 +99,7 @@ def test_s3_unreadable_shard_is_skipped_counted_and_redacted(
     pattern, keys = s3_shards(figures, s3_bucket)
     fault_proxy.always_fail = ("pmc-oa-train-000003.tar",)
     # Workers in this process so the warnings reach caplog.
-    cfg = config(None, val_data=pattern, num_workers=0, read_max_attempts=3)
+    cfg = data_config(None, val_data=pattern, num_workers=0, read_max_attempts=3)
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader))
@@ -136,7 +118,7 @@ def test_s3_cache_dir_downloads_each_shard_once(
 ) -> None:
     pattern, keys = s3_shards(figures, s3_bucket)
     cache = tmp_path / "cache"
-    cfg = config(None, val_data=pattern, cache_dir=str(cache))
+    cfg = data_config(None, val_data=pattern, cache_dir=str(cache))
     first = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(first))) == keys
     assert len(list(cache.glob("*.tar"))) == 8
@@ -157,7 +139,7 @@ def test_http_urls_stream_through_fsspec(
         client.put_object_acl(Bucket=bucket, Key=item["Key"], ACL="public-read")
     # moto serves public objects over plain HTTP too (path style): any fsspec URL works.
     http_pattern = pattern.replace("s3://", f"{s3_endpoint}/")
-    cfg = config(None, val_data=http_pattern, read_chunk_bytes=16 * 1024)
+    cfg = data_config(None, val_data=http_pattern, read_chunk_bytes=16 * 1024)
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(loader))) == keys
     assert loader.meter.totals()["shard_requests"] > 8
