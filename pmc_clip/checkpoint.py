@@ -105,7 +105,7 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
     staged = storage.staging_path(fs, dest)
     try:
         _torch_save(state, staged)
-        digest, num_bytes = _sha256_file(staged)
+        num_bytes, digest = storage.file_digest(staged)
         storage.publish(fs, staged, dest)
     except OSError as e:
         if os.path.exists(staged):
@@ -155,16 +155,6 @@ def _torch_save(state: dict[str, Any], path: str) -> None:
             if writer.error is not None:
                 raise writer.error from e
             raise
-
-
-def _sha256_file(path: str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    num_bytes = 0
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-            num_bytes += len(chunk)
-    return digest.hexdigest(), num_bytes
 
 
 def _prune_step_checkpoints(

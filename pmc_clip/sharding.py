@@ -557,7 +557,7 @@ class ShardWriterState:
         self._tar.close()
         self._file.close()
         staged, dest = self._staged, self._dest()
-        num_bytes, sha256 = _file_digest(staged)
+        num_bytes, sha256 = storage.file_digest(staged)
         record = ShardRecord(
             os.path.basename(dest),
             self.split,
@@ -598,16 +598,6 @@ class ShardWriterState:
             self._tar.close()
             self._file.close()
             os.unlink(self._staged)
-
-
-def _file_digest(path: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    num_bytes = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            num_bytes += len(chunk)
-    return num_bytes, digest.hexdigest()
 
 
 def _write_json(

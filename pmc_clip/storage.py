@@ -139,6 +139,17 @@ def publish(
             os.unlink(staged)
 
 
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    num_bytes = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            num_bytes += len(chunk)
+    return num_bytes, digest.hexdigest()
+
+
 def remove_stale_staging_files(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """A writer killed with -9 leaves its half-written `.tmp-*` file behind (local folders
     only: object stores never show a partial upload). Call it where one writer owns the

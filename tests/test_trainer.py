@@ -175,13 +175,10 @@ def test_corrupt_or_partial_checkpoints_are_detected_and_latest_stays_good(
         checkpoint.save_checkpoint(directory, f"step_{step}.pt", _state(step), keep_last=2)
     assert sorted(p.name for p in Path(directory).glob("*.pt")) == ["step_3.pt", "step_4.pt"]
     assert checkpoint.resolve_latest(directory) == f"{directory}/step_4.pt"
-    # A write that fails half-way (disk full): clear error, nothing new visible.
-    real_save = torch.save
 
-    def full_disk(obj: Any, path: str) -> None:
-        real_save(obj, path)
-        with open(path, "r+b") as f:
-            f.truncate(100)
+    # A write that fails half-way (disk full): clear error, nothing new visible.
+    def full_disk(obj: Any, file: Any) -> None:
+        file.write(b"PK" * 50)  # part of the archive made it to disk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
