@@ -71,7 +71,7 @@ def embed(model: PMCClip, batches: Any, device: torch.device, precision: str) ->
     mlm_correct = mlm_total = 0
     masked_contrastive = model.config.contrastive_text == "masked"
     for batch in batches:
-        images = batch["images"].to(device, non_blocking=True)
+        images = transforms.normalize_images(batch["images"].to(device, non_blocking=True))
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(device, non_blocking=True)
         mlm_input_ids = batch.get("mlm_input_ids")
