@@ -58,6 +58,12 @@ class DataConfig:
     # the shared memory per batch (page faults on fresh shared memory dominate the worker
     # overhead), normalised on the GPU by transforms.normalize_images after the copy.
     images_uint8: bool = False
+    # --val-data may also be a CSV/JSONL table of (image path, caption) rows, as in the
+    # original PMC-CLIP: its figures are under image_dir (folder, URL or images.zip).
+    image_dir: str | None = None
+    csv_img_key: str = "image"
+    csv_caption_key: str = "caption"
+    csv_separator: str = ","
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -305,6 +311,10 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--crop-scale", "data", "crop_scale", {"type": float, "nargs": 2}),
     ("--shuffle-buffer-samples", "data", "shuffle_buffer_samples", {"type": int}),
     ("--cache-dir", "data", "cache_dir", {}),
+    ("--image-dir|--image_dir", "data", "image_dir", {}),
+    ("--csv-img-key", "data", "csv_img_key", {}),
+    ("--csv-caption-key", "data", "csv_caption_key", {}),
+    ("--csv-separator", "data", "csv_separator", {}),
     ("--model", "model", "model", {}),
     ("--text-encoder", "model", "text_encoder", {}),
     ("--tokenizer", "model", "tokenizer", {}),
@@ -362,7 +372,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     for flag, concern, name, kwargs in _FLAGS:
         default = getattr(_CONCERNS[concern](), name)
         help_text = f"{concern}.{name} (default: {default})"
-        parser.add_argument(flag, dest=f"{concern}.{name}", default=None, help=help_text, **kwargs)
+        parser.add_argument(
+            *flag.split("|"), dest=f"{concern}.{name}", default=None, help=help_text, **kwargs
+        )
     return parser
 
 

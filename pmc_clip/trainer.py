@@ -33,11 +33,12 @@ import torch
 import torch.distributed as dist
 
 from pmc_clip import checkpoint, distributed, evaluate, metrics, optim, storage, transforms
-from pmc_clip.config import RELEASED_CHECKPOINT, RunConfig, parse_run_config
+from pmc_clip.config import RELEASED_CHECKPOINT, DataConfig, RunConfig, parse_run_config
 from pmc_clip.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from pmc_clip.losses import ClipLoss, PMCClipLoss
 from pmc_clip.model import PUBMEDBERT, PMCClip, create_model, load_config
 from pmc_clip.model.pmc_clip import MAX_LOGIT_SCALE
+from pmc_clip.sharding import ShardOptions, make_shards
 from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
 # Exit code of a run stopped by SIGUSR1/SIGTERM after saving its checkpoint: the launch
@@ -45,6 +46,9 @@ from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 EXIT_CODE_PREEMPTED = 3
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 EVAL_SEED = 0
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+# Small shards so that every rank (and loader worker) gets a share of a 2,000-pair table.
+VAL_TABLE_SHARD_SIZE = 128
 
 
 class TrainingStopped(RuntimeError):
@@ -107,6 +111,7 @@ class Trainer:
                 data_config, self.tokenizer, self.rank, self.world_size, config.train.seed
             )
         self.val_loader: EvalLoader | None = None
+        data_config = self._val_data_as_shards(data_config)
         if config.data.val_data:
             # A fixed seed for the val masks: MLM accuracy compares across runs and seeds.
             self.val_loader = build_eval_loader(
@@ -184,6 +189,40 @@ class Trainer:
         if spec.channels_last:
             model.visual.to(memory_format=torch.channels_last)
         return model
+
+    def _val_data_as_shards(self, data_config: DataConfig) -> DataConfig:
+        """--val-data may be a CSV/JSONL table with --image-dir (the original PMC-CLIP's
+        evaluation input). Rank 0 shards it once into <run dir>/val_shards with
+        make_shards (every row checked, bad ones listed in its skipped.jsonl; a rerun
+        finds it done), the other ranks wait, and evaluation streams those shards."""
+        table = data_config.val_data
+        if table is None or not table.lower().endswith(TABLE_SUFFIXES):
+            return data_config
+        if not data_config.image_dir:
+            raise ValueError(
+                f"--val-data {storage.redact_url(table)} is a table of image paths and "
+                "captions: pass --image-dir with the folder (or images.zip) they are under"
+            )
+        output = os.path.join(self.run_dir, "val_shards")
+        if self.rank == 0:
+            make_shards(
+                ShardOptions(
+                    input=table,
+                    images=data_config.image_dir,
+                    output=output,
+                    prefix="pairs",
+                    img_key=data_config.csv_img_key,
+                    caption_key=data_config.csv_caption_key,
+                    csv_separator=data_config.csv_separator,
+                    split="val",
+                    shard_size=VAL_TABLE_SHARD_SIZE,
+                    workers=min(4, os.cpu_count() or 1),
+                )
+            )
+        distributed.barrier(self.world_size)
+        with open(os.path.join(output, "manifest.json")) as f:
+            pattern = json.load(f)["splits"]["val"]["pattern"]
+        return dataclasses.replace(data_config, val_data=os.path.join(output, pattern))
 
     def _install_stop_handlers(self) -> None:
         """SLURM sends SIGUSR1 before the time limit (--signal) and SIGTERM on preemption:
