@@ -307,3 +307,41 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_zero_shot_classification_on_a_hand_built_case(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """A model whose image feature is the mean colour and whose text feature says which
+    colour word the prompt holds: every image is classified by its colour."""
+    from PIL import Image
+
+    from pmc_clip.evaluate import zero_shot_classification
+    from pmc_clip.model import create_model
+    from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
+
+    colours = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+    for name, rgb in colours.items():
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 30), rgb).save(tmp_path / name / f"{i}.png")
+    Image.new("RGB", (40, 30), colours["red"]).save(tmp_path / "blue" / "2.png")  # mislabelled
+    tokenizer = CaptionTokenizer(load_tokenizer(data["tokenizer"]))
+    word_ids = [tokenizer.tokenizer.convert_tokens_to_ids(name) for name in colours]
+    model = create_model("tiny", mlm=False)
+
+    def encode_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(input_ids == i).any(dim=1).float() for i in word_ids], dim=1)
+
+    def encode_image(images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))  # CLIP-normalised channel means: R, G, B
+
+    model.encode_text = encode_text  # type: ignore[method-assign]
+    model.encode_image = encode_image  # type: ignore[method-assign]
+    results = zero_shot_classification(
+        model, tokenizer, str(tmp_path), 32, torch.device("cpu"), "fp32"
+    )
+    assert results["num_classes"] == 3 and results["num_images"] == 7
+    assert results["accuracy"] == pytest.approx(100 * 6 / 7)
+    # For "blue", the mislabelled red image scores like the red negatives: AUC below 100.
+    assert 50 < results["macro_auc"] < 100
