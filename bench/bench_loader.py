@@ -18,6 +18,8 @@ worker processes, batch size and image size:
            separate venv: --openclip-python), same shards, workers, batch size and
            tokenizer, its own torchvision transforms (RandomResizedCrop scale set equal).
 
+`--breakdown` prints the milliseconds per sample of each of our stages in one process.
+
 Each figure is the best of --repeats epochs (contenders interleaved), wall time from
 creating the iterator to the last batch (worker start-up included for every contender).
 Targets (issue 4): ours >= 0.9 x limit, ours > openclip, ours-s3 >= 0.9 x ours.
@@ -222,6 +224,57 @@ def run_openclip(
     return float(result.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- breakdown
+
+
+def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> dict[str, float]:
+    """Milliseconds per sample of each stage of ours, in this process, one thread."""
+    import braceexpand
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    from pmc_clip import transforms
+    from pmc_clip.data import collate, keep_known_members, sample_rng, shard_urls
+    from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
+
+    torch.set_num_threads(1)
+    urls = list(braceexpand.braceexpand(pattern))[:num_shards]
+    tokenizer = CaptionTokenizer(load_tokenizer(str(tokenizer_dir)), 77, mlm_probability=0.15)
+    best: dict[str, float] = {}
+
+    def timed(name: str, start: float, count: int) -> None:
+        best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / count)
+
+    for _ in range(4):
+        start = time.perf_counter()
+        pipeline = wds.DataPipeline(shard_urls(urls), wds.tarfile_to_samples(), keep_known_members)
+        samples = list(pipeline)
+        timed("tar parsing", start, len(samples))
+        start = time.perf_counter()
+        images = []
+        for sample in samples:
+            rng = sample_rng(0, 0, 0, sample["__key__"])
+            data = sample["jpg"] if "jpg" in sample else sample["png"]
+            with Image.open(io.BytesIO(data)) as image:
+                images.append(transforms.train_transform(image, 224, (0.5, 1.0), rng))
+        timed("decode + crop", start, len(samples))
+        start = time.perf_counter()
+        tokens = [tokenizer(s["txt"].decode(), sample_rng(0, 0, 0, s["__key__"])) for s in samples]
+        timed("tokenizer + MLM", start, len(samples))
+        rows = [
+            {"key": s["__key__"], "image": i, **t}
+            for s, i, t in zip(samples, images, tokens, strict=True)
+        ]
+        num_full = len(rows) // 64 * 64
+        for name, uint8 in (("collate float32", False), ("collate uint8", True)):
+            start = time.perf_counter()
+            for first in range(0, num_full, 64):
+                collate(rows[first : first + 64], uint8)
+            timed(name, start, num_full)
+    return {name: seconds * 1000 for name, seconds in best.items()}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -240,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["limit", "ours", "s3", "openclip"]
     )
+    parser.add_argument("--breakdown", action="store_true", help="per-stage ms/sample, then exit")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     pattern, tokenizer_dir, num_samples = prepare(out, args.num_articles, args.shard_size)
+    if args.breakdown:
+        for name, ms in run_breakdown(pattern, tokenizer_dir).items():
+            print(f"{name:16s} {ms:6.3f} ms/sample (one thread, min of 4)")
+        return 0
     num_shards = len(list(Path(pattern).parent.glob("*.tar")))
     print(
         f"{num_samples} samples in {num_shards} shards, {args.workers} workers, "

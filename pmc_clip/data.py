@@ -350,7 +350,7 @@ def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
         yield {k: v for k, v in sample.items() if k.startswith("__") or k in KEPT_EXTENSIONS}
 
 
-def _sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator:
+def sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator:
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return np.random.default_rng([seed, epoch, rep, int.from_bytes(digest, "little")])
 
@@ -373,7 +373,7 @@ class SampleProcessor:
         if "txt" not in sample:
             raise ValueError("no .txt caption member")
         caption = sample["txt"].decode("utf-8")  # strict: a non-UTF-8 caption is bad
-        rng = _sample_rng(self.seed, self.epoch, rep, key)
+        rng = sample_rng(self.seed, self.epoch, rep, key)
         with Image.open(io.BytesIO(sample[image_ext]), formats=PIL_FORMATS) as image:
             if self.crop_scale is None:
                 pixels = transforms.eval_transform(image, self.image_size)
