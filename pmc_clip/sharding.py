@@ -56,7 +56,7 @@ _T = TypeVar("_T")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _NAME_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Fixed tar header fields, so a shard's bytes depend only on its samples.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 _TAR_USER = "pmc_clip"
 # Sizes the byte cap accounts for beyond payloads: a tar header per member, padding.
 _TAR_BLOCK = 512
