@@ -154,7 +154,7 @@ def in_process(data: dict[str, str], tmp_path: Path) -> Iterator[Any]:
         signal.signal(sig, handler)
 
 
-def _poison(trainer: Trainer, nan_steps: set[int]) -> dict[int, float]:
+def _instrument(trainer: Trainer, nan_steps: set[int]) -> dict[int, float]:
     """Make the loss NaN at `nan_steps` (1-based); return a parameter checksum per step."""
     real_loss, real_step = trainer.loss_fn, trainer._step
     checksums: dict[int, float] = {0: _checksum(trainer)}
@@ -181,7 +181,7 @@ def _checksum(trainer: Trainer) -> float:
 
 def test_nan_loss_steps_are_skipped_and_counted(in_process: Any, tmp_path: Path) -> None:
     trainer = in_process("nan")
-    checksums = _poison(trainer, nan_steps={3, 4})
+    checksums = _instrument(trainer, nan_steps={3, 4})
     assert trainer.fit() == 0
     assert checksums[3] == checksums[4] == checksums[2]  # skipped: weights untouched
     assert checksums[5] != checksums[4]  # and training goes on
@@ -194,7 +194,7 @@ def test_too_many_nan_steps_stop_with_the_last_good_weights(
     in_process: Any, tmp_path: Path
 ) -> None:
     trainer = in_process("nan-stop", "--max-consecutive-nonfinite", "3")
-    checksums = _poison(trainer, nan_steps=set(range(5, 100)))
+    checksums = _instrument(trainer, nan_steps=set(range(5, 100)))
     assert trainer.fit() == 1
     log = (tmp_path / "nan-stop" / "out.log").read_text()
     assert "3 non-finite steps in a row at step 7: stopping" in log
@@ -235,3 +235,12 @@ def io_size(trainer: Trainer) -> int:
     buffer = io.BytesIO()
     torch.save(trainer._state_dict(trainer._gather_rng_states()), buffer)
     return buffer.tell()
+
+
+def test_gradient_accumulation_steps_once_per_group(in_process: Any, tmp_path: Path) -> None:
+    trainer = in_process("accum", "--accum-freq", "3")
+    checksums = _instrument(trainer, nan_steps=set())
+    assert trainer.fit() == 0
+    # 16 batches per epoch in groups of 3: 5 full groups and one of 1, 6 optimizer steps.
+    assert sorted(metrics_by_step(tmp_path / "accum")) == [1, 2, 3, 4, 5, 6]
+    assert len(set(checksums.values())) == 7  # every step moved the weights
