@@ -235,7 +235,7 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
     from PIL import Image
 
     from pmc_clip import transforms
-    from pmc_clip.data import collate, keep_known_members, sample_rng, shard_urls
+    from pmc_clip.data import BatchBuilder, keep_known_members, sample_rng, shard_urls
     from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
     torch.set_num_threads(1)
@@ -259,18 +259,25 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
             with Image.open(io.BytesIO(data)) as image:
                 images.append(transforms.train_transform(image, 224, (0.5, 1.0), rng))
         timed("decode + crop", start, len(samples))
+        num_full = len(samples) // 64 * 64
         start = time.perf_counter()
-        tokens = [tokenizer(s["txt"].decode(), sample_rng(0, 0, 0, s["__key__"])) for s in samples]
-        timed("tokenizer + MLM", start, len(samples))
+        for first in range(0, num_full, 64):
+            chunk = samples[first : first + 64]
+            tokenizer.batch(
+                [s["txt"].decode() for s in chunk],
+                [sample_rng(0, 0, 0, s["__key__"]) for s in chunk],
+            )
+        timed("tokenizer + MLM", start, num_full)
         rows = [
-            {"key": s["__key__"], "image": i, **t}
-            for s, i, t in zip(samples, images, tokens, strict=True)
+            {"key": s["__key__"], "image": i, "caption": "", "rng": None}
+            for s, i in zip(samples, images, strict=True)
         ]
-        num_full = len(rows) // 64 * 64
-        for name, uint8 in (("collate float32", False), ("collate uint8", True)):
+        for name, uint8 in (("images float32", False), ("images uint8", True)):
             start = time.perf_counter()
             for first in range(0, num_full, 64):
-                collate(rows[first : first + 64], uint8)
+                builder = BatchBuilder(tokenizer, 64, 224, uint8)
+                for row in rows[first : first + 64]:
+                    builder.add(row)
             timed(name, start, num_full)
     return {name: seconds * 1000 for name, seconds in best.items()}
 

@@ -60,6 +60,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import posixpath
 import random
 import time
@@ -357,9 +358,11 @@ def sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator
 
 @dataclass(frozen=True)
 class SampleProcessor:
-    """Undecoded sample -> {key, image uint8 [3,H,W], token tensors}; raises if bad."""
+    """Undecoded sample -> {key, image uint8 [3,H,W], caption, rng}; raises if bad.
 
-    tokenizer: CaptionTokenizer
+    The caption is tokenized per batch (`BatchBuilder`), with the sample's own generator
+    (after the crop's draws), so masks are those of a per-sample tokenizer call."""
+
     image_size: int
     crop_scale: tuple[float, float] | None  # None: eval transform (centre crop)
     seed: int
@@ -379,7 +382,7 @@ class SampleProcessor:
                 pixels = transforms.eval_transform(image, self.image_size)
             else:
                 pixels = transforms.train_transform(image, self.image_size, self.crop_scale, rng)
-        return {"key": key, "image": pixels, **self.tokenizer(caption, rng)}
+        return {"key": key, "image": pixels, "caption": caption, "rng": rng}
 
 
 def decode_and_transform(
@@ -399,22 +402,49 @@ def decode_and_transform(
             warn(f"{sample.get('__key__')!r} in {url}: {type(exc).__name__}: {exc}")
 
 
-def collate(samples: list[dict[str, Any]], images_uint8: bool) -> dict[str, Any]:
-    pixels = transforms.stack_images([s["image"] for s in samples])
-    images = torch.empty(pixels.shape, dtype=torch.uint8 if images_uint8 else torch.float32)
-    if get_worker_info() is not None:
-        # Written straight into shared memory: the batch then reaches the trainer's
-        # process without the extra copy torch makes of a private tensor.
-        images.share_memory_()
-    if images_uint8:
-        images.copy_(pixels)  # contiguous [B, 3, H, W]
-    else:
-        transforms.normalize_batch(pixels, out=images)
-    batch: dict[str, Any] = {"images": images, "keys": [s["key"] for s in samples]}
-    for name in samples[0]:
-        if name not in ("image", "key"):
-            batch[name] = torch.stack([s[name] for s in samples])
-    return batch
+class BatchBuilder:
+    """Collects decoded samples into one batch dict: {images, keys, token tensors}.
+
+    Each image is written into the batch's pixel buffer as it arrives, so a sample's
+    decoded pixels are freed (and their pages reused by the next decode) at once instead
+    of 64 of them living until the batch is stacked: on this VM every fresh page faults
+    at ~6 us. In a data-loader worker the buffer is allocated in shared memory, so the
+    batch reaches the trainer's process without the copy torch makes of a private tensor.
+    Captions are tokenized (and MLM-masked) in one call per batch.
+    """
+
+    def __init__(
+        self, tokenizer: CaptionTokenizer, capacity: int, image_size: int, images_uint8: bool
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.images = torch.empty(
+            (capacity, 3, image_size, image_size),
+            dtype=torch.uint8 if images_uint8 else torch.float32,
+        )
+        if get_worker_info() is not None:
+            self.images.share_memory_()
+        self.keys: list[str] = []
+        self.captions: list[str] = []
+        self.rngs: list[np.random.Generator] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, sample: dict[str, Any]) -> None:
+        transforms.write_image(self.images[len(self.keys)], sample["image"])
+        self.keys.append(sample["key"])
+        self.captions.append(sample["caption"])
+        self.rngs.append(sample["rng"])
+
+    def build(self) -> dict[str, Any]:
+        # A partial (last eval) batch is a view of the first rows: its shared buffer keeps
+        # the unused rows, once per eval pass, rather than paying a copy.
+        images = self.images[: len(self.keys)]
+        return {
+            "images": images,
+            "keys": self.keys,
+            **self.tokenizer.batch(self.captions, self.rngs),
+        }
 
 
 def _shuffle_rng(*seed_parts: int) -> random.Random:
@@ -474,19 +504,41 @@ class ShardStream(IterableDataset):
             samples = self._train_samples(worker, counters)
         else:
             samples = self._eval_samples(worker, num_workers, counters)
+        if info is not None:
+            # One tokenizer thread per worker: the workers already occupy the cores, and a
+            # Rust thread pool per worker would oversubscribe them (an explicit setting
+            # inherited from the parent wins).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
-        for batch in _batches(samples, batch_size, drop_partial=spec.train):
-            counters.samples_delivered += len(batch)
-            out = collate(batch, spec.config.images_uint8)
-            out[STATS_KEY] = counters.as_dict()
-            yield out
+        for batch in self._batches(samples, batch_size):
+            counters.samples_delivered += len(batch["keys"])
+            batch[STATS_KEY] = counters.as_dict()
+            yield batch
+
+    def _batches(
+        self, samples: Iterable[dict[str, Any]], batch_size: int
+    ) -> Iterator[dict[str, Any]]:
+        config = self.spec.config
+        builder: BatchBuilder | None = None  # allocated at a batch's first sample
+        for sample in samples:
+            if builder is None:
+                builder = BatchBuilder(
+                    self.spec.tokenizer, batch_size, config.image_size, config.images_uint8
+                )
+            builder.add(sample)
+            if len(builder) == batch_size:
+                yield builder.build()
+                builder = None
+        if builder is not None:
+            # The train quota is a whole number of batches: a partial one is a bug.
+            assert not self.spec.train, f"partial train batch of {len(builder)}"
+            yield builder.build()
 
     def _pipeline(
         self, urls: Iterable[str], worker: int, rep: int, counters: WorkerCounters
     ) -> wds.DataPipeline:
         spec = self.spec
         processor = SampleProcessor(
-            spec.tokenizer,
             spec.config.image_size,
             spec.config.crop_scale if spec.train else None,
             spec.seed,
@@ -555,21 +607,6 @@ class ShardStream(IterableDataset):
         rank_urls = spec.dataset.urls[spec.rank :: spec.world_size]
         counters.passes += 1
         yield from self._pipeline(rank_urls[worker::num_workers], worker, 0, counters)
-
-
-def _batches(
-    samples: Iterable[dict[str, Any]], batch_size: int, drop_partial: bool
-) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        # The train quota is a whole number of batches: a partial one is a bug.
-        assert not drop_partial, f"partial train batch of {len(batch)}"
-        yield batch
 
 
 # --------------------------------------------------------------------------- main process

@@ -83,53 +83,74 @@ class CaptionTokenizer:
         )
 
     def __call__(self, caption: str, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One caption -> [context_length] tensors (the first row of `batch`)."""
+        return {name: ids[0] for name, ids in self.batch([caption], [rng]).items()}
+
+    def batch(
+        self, captions: list[str], rngs: list[np.random.Generator]
+    ) -> dict[str, torch.Tensor]:
+        """Captions -> [len(captions), context_length] tensors. Row i draws its MLM mask
+        from rngs[i] exactly as a call with that caption alone would (a generator may
+        repeat: rows draw in order), so batching never changes a mask."""
+        assert len(captions) == len(rngs), (len(captions), len(rngs))
+        # One tokenizer call for the batch: per caption, the Python side of the HF call
+        # costs more than the Rust encoding. Lists, not return_tensors="np", which is
+        # slower for short captions.
         encoded = self.tokenizer(
-            caption,
+            captions,
             max_length=self.context_length,
             truncation=True,
             padding="max_length",
         )
-        input_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-        attention_mask = np.asarray(encoded["attention_mask"], dtype=np.int64)
-        assert input_ids.shape == (self.context_length,), input_ids.shape
-        sample = {
+        input_ids = np.array(encoded["input_ids"], dtype=np.int64)
+        attention_mask = np.array(encoded["attention_mask"], dtype=np.int64)
+        assert input_ids.shape == (len(captions), self.context_length), input_ids.shape
+        out = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
         }
         if self.mlm_probability > 0:
-            mlm_input_ids, mlm_labels = self.mask_words(input_ids, rng)
-            sample["mlm_input_ids"] = torch.from_numpy(mlm_input_ids)
-            sample["mlm_labels"] = torch.from_numpy(mlm_labels)
-        return sample
+            mlm_input_ids, mlm_labels = self.mask_words(input_ids, rngs)
+            out["mlm_input_ids"] = torch.from_numpy(mlm_input_ids)
+            out["mlm_labels"] = torch.from_numpy(mlm_labels)
+        return out
 
     def word_ids(self, input_ids: np.ndarray) -> np.ndarray:
-        """Word index of every position (-1 for special tokens and padding)."""
+        """Word index of every position within its row (-1 for special tokens and padding);
+        `input_ids` is [L] or [B, L]."""
         maskable = ~self._is_special[input_ids]
         # A maskable token that is not a ## continuation starts a new word. A continuation
         # right after a special token (e.g. a caption truncated mid-word) starts one too.
-        previous_maskable = np.concatenate([[False], maskable[:-1]])
+        previous_maskable = np.zeros_like(maskable)
+        previous_maskable[..., 1:] = maskable[..., :-1]
         starts_word = maskable & (~self._is_continuation[input_ids] | ~previous_maskable)
-        word_ids = np.cumsum(starts_word) - 1
+        word_ids = np.cumsum(starts_word, axis=-1) - 1
         return np.where(maskable, word_ids, -1)
 
     def mask_words(
-        self, input_ids: np.ndarray, rng: np.random.Generator
+        self, input_ids: np.ndarray, rngs: list[np.random.Generator]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Whole-word BERT masking; returns (masked input ids, labels with -100 elsewhere)."""
+        """Whole-word BERT masking of [B, L] ids, row i drawing from rngs[i]; returns
+        (masked input ids, labels with -100 elsewhere)."""
         word_ids = self.word_ids(input_ids)
-        num_words = int(word_ids.max()) + 1
-        if num_words == 0:  # empty caption: nothing to predict
-            return input_ids.copy(), np.full_like(input_ids, IGNORE_INDEX)
-        # Draw a fixed number of variates per caption (independent of the outcome) so the
-        # stream stays aligned: selection, then the 80/10/10 action, per word.
-        selected = rng.random(num_words) < self.mlm_probability
-        action = rng.random(num_words)
-        random_tokens = rng.choice(self._random_token_ids, size=input_ids.shape[0])
+        num_words = word_ids.max(axis=1) + 1
+        # Per row a fixed number of variates (independent of the outcome) so the stream
+        # stays aligned: selection, then the 80/10/10 action, per word, then a random
+        # token per position; none for a row without words (empty caption). The draws
+        # are per row (each row has its own generator); everything else is vectorised.
+        selected = np.zeros((len(rngs), max(int(num_words.max()), 1)), dtype=bool)
+        action = np.zeros(selected.shape)
+        random_tokens = np.zeros_like(input_ids)
+        for row, (rng, count) in enumerate(zip(rngs, num_words.tolist(), strict=True)):
+            if count > 0:
+                selected[row, :count] = rng.random(count) < self.mlm_probability
+                action[row, :count] = rng.random(count)
+                random_tokens[row] = rng.choice(self._random_token_ids, size=input_ids.shape[1])
 
         in_word = word_ids >= 0
         word_of_position = np.where(in_word, word_ids, 0)
-        position_selected = in_word & selected[word_of_position]
-        position_action = action[word_of_position]
+        position_selected = in_word & np.take_along_axis(selected, word_of_position, axis=1)
+        position_action = np.take_along_axis(action, word_of_position, axis=1)
 
         labels = np.where(position_selected, input_ids, IGNORE_INDEX)
         masked = input_ids.copy()
