@@ -306,6 +306,9 @@ class WorkerCounters:
     samples_resume_skipped: int = 0
     passes: int = 0
     stream_errors: int = 0
+    # Samples a shard's manifest count promised but the shard did not hold (a tar cut at
+    # a member boundary reads as a shorter, valid archive: only the count shows the loss).
+    samples_missing: int = 0
     read: storage.ShardReadCounters = dataclasses.field(default_factory=storage.ShardReadCounters)
 
     def as_dict(self) -> dict[str, int]:
@@ -342,6 +345,37 @@ def _stream_error_handler(counters: WorkerCounters) -> Callable[[BaseException],
 def shard_urls(urls: Iterable[str]) -> Callable[[], Iterator[dict[str, str]]]:
     """The pipeline's source: the worker's shards, in order (lazy: resampled draws)."""
     return lambda: ({"url": url} for url in urls)
+
+
+def check_shard_counts(
+    expected_count: Callable[[str], int | None], counters: WorkerCounters
+) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """Pass samples through; where a shard yields fewer samples than its manifest count,
+    warn and count the missing ones (samples_missing). Shards without a count, and a
+    shard that failed outright (already a stream error), are not checked."""
+    warn = _RateLimitedWarning("short shard")
+
+    def check(url: str | None, count: int) -> None:
+        expected = expected_count(url) if url is not None else None
+        if expected is not None and count < expected:
+            counters.samples_missing += expected - count
+            warn(
+                f"{storage.redact_url(url or '?')} ended after {count} of its {expected} "
+                "samples (truncated?)"
+            )
+
+    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        url: str | None = None
+        count = 0
+        for sample in samples:
+            if sample.get("__url__") != url:
+                check(url, count)
+                url, count = sample.get("__url__"), 0
+            count += 1
+            yield sample
+        check(url, count)
+
+    return stage
 
 
 def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -548,6 +582,7 @@ class ShardStream(IterableDataset):
         stages: list[Any] = [
             shard_urls(urls),
             wds.tarfile_to_samples(handler=handler),
+            check_shard_counts(spec.dataset.shard_size, counters),
             keep_known_members,
         ]
         if spec.train:
@@ -579,9 +614,14 @@ class ShardStream(IterableDataset):
                 )
             else:
                 rep_urls = shards_for_reader(
-                    urls, spec.seed, spec.epoch, spec.rank, spec.world_size, worker,
+                    urls,
+                    spec.seed,
+                    spec.epoch,
+                    spec.rank,
+                    spec.world_size,
+                    worker,
                     spec.plan.num_workers,
-                )  # fmt: skip
+                )
             counters.passes += 1
             yielded_in_pass = 0
             for sample in self._pipeline(rep_urls, worker, rep, counters):
