@@ -42,6 +42,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -181,7 +182,7 @@ def read_rows(url: str, csv_separator: str) -> Iterator[tuple[int, dict[str, Any
     """Yield (row number, record) for JSONL or CSV (chosen by extension), or a Skip for a
     record that cannot be parsed. Text is decoded with surrogateescape so one bad byte
     costs one row (flagged later), not the whole file."""
-    lower = url.lower()
+    lower = urlsplit(url).path.lower()  # a presigned URL's ?query is not the extension
     if lower.endswith((".jsonl", ".json")):
         yield from _read_jsonl(url)
     elif lower.endswith((".csv", ".tsv")):

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -196,7 +197,7 @@ class Trainer:
         make_shards (every row checked, bad ones listed in its skipped.jsonl; a rerun
         finds it done), the other ranks wait, and evaluation streams those shards."""
         table = data_config.val_data
-        if table is None or not table.lower().endswith(TABLE_SUFFIXES):
+        if table is None or not urlsplit(table).path.lower().endswith(TABLE_SUFFIXES):
             return data_config
         if not data_config.image_dir:
             raise ValueError(
