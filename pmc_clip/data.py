@@ -508,9 +508,9 @@ class StreamSpec:
         c = self.config
         return storage.ShardReadOptions(
             chunk_bytes=c.read_chunk_bytes,
-            max_attempts=c.read_max_attempts,
-            backoff_seconds=c.read_backoff_seconds,
-            backoff_max_seconds=c.read_backoff_max_seconds,
+            retry=storage.RetryPolicy(
+                c.read_max_attempts, c.read_backoff_seconds, c.read_backoff_max_seconds
+            ),
             timeout_seconds=c.read_timeout_seconds,
             cache_dir=c.cache_dir,
         )

@@ -85,7 +85,7 @@ def url_to_fs_for_retries(
     fs, path = fsspec.core.url_to_fs(
         url, skip_instance_cache=True, config_kwargs=_s3_single_attempt_config(timeout_seconds)
     )
-    fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
+    _no_client_retries(fs)
     return fs, path.rstrip("/")
 
 
@@ -246,22 +246,19 @@ def retry_call(
         try:
             return call()
         except _PERMANENT_ERRORS as exc:
-            raise error(f"{what} {redact_url(url)}: {_describe(exc, url)}") from None
+            raise error(f"{what} {redact_url(url)}: {describe_error(exc, url)}") from None
         except Exception as exc:
+            reason = describe_error(exc, url)
             if attempt == policy.max_attempts:
                 raise error(
-                    f"{what} {redact_url(url)} failed {attempt} times, last: {_describe(exc, url)}"
+                    f"{what} {redact_url(url)} failed {attempt} times, last: {reason}"
                 ) from None
             if on_retry is not None:
                 on_retry()
-            _log.info("retrying %s %s: %s", what, redact_url(url), _describe(exc, url))
+            _log.info("retrying %s %s: %s", what, redact_url(url), reason)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(2 * delay, policy.backoff_max_seconds)
     raise AssertionError("unreachable")
-
-
-def _describe(exc: BaseException, url: str) -> str:
-    return describe_error(exc, url)
 
 
 def describe_error(exc: BaseException, url: str) -> str:
@@ -292,6 +289,11 @@ def _url_secrets(url: str) -> list[str]:
     return sorted(set(secrets), key=len, reverse=True)  # longest first: no partial leftovers
 
 
+def _no_client_retries(fs: fsspec.AbstractFileSystem) -> None:
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
+
+
 def _s3_single_attempt_config(timeout_seconds: float) -> dict[str, Any]:
     """botocore settings for one attempt per call, with bounded connect and read waits."""
     return {
@@ -317,9 +319,7 @@ class ShardReadError(StorageError):
 @dataclass(frozen=True)
 class ShardReadOptions:
     chunk_bytes: int = 16 * 1024 * 1024
-    max_attempts: int = 6
-    backoff_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
+    retry: RetryPolicy = RetryPolicy()
     timeout_seconds: float = 60.0
     cache_dir: str | None = None
 
@@ -363,8 +363,7 @@ def _new_filesystem(protocol: str, options: ShardReadOptions) -> fsspec.Abstract
         # environment and config (AWS_ENDPOINT_URL_S3, profiles, instance metadata).
         storage_options["config_kwargs"] = _s3_single_attempt_config(options.timeout_seconds)
     fs = fsspec.filesystem(protocol, **storage_options)
-    if hasattr(fs, "retries"):
-        fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
+    _no_client_retries(fs)
     return fs
 
 
@@ -384,8 +383,7 @@ def _retrying(
     def count_retry() -> None:
         counters.retries += 1
 
-    policy = RetryPolicy(options.max_attempts, options.backoff_seconds, options.backoff_max_seconds)
-    return retry_call(what, url, policy, attempt, ShardReadError, count_retry)
+    return retry_call(what, url, options.retry, attempt, ShardReadError, count_retry)
 
 
 class RangeReader(io.RawIOBase):
@@ -499,7 +497,7 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
             return open(path, "rb", buffering=1 << 20)
         except OSError as exc:
             counters.shards_failed += 1
-            raise ShardReadError(f"open {redact_url(url)}: {_describe(exc, url)}") from None
+            raise ShardReadError(f"open {redact_url(url)}: {describe_error(exc, url)}") from None
     if protocol == "pipe":
         import webdataset as wds  # torch-heavy import; only data-loading processes need it
 
