@@ -8,6 +8,8 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import pytest
 
@@ -171,13 +173,22 @@ class FaultProxy:
         self.server.server_close()
 
 
+P = TypeVar("P", bound="FaultProxy")
+
+
 @pytest.fixture()
 def fault_proxy(
     s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FaultProxy]:
     """A FaultProxy in front of the moto server, made the S3 endpoint of this test (and of
     the data-loader workers it forks). Injects nothing until configured."""
-    proxy = FaultProxy(s3_endpoint)
+    with as_s3_endpoint(FaultProxy(s3_endpoint), monkeypatch) as proxy:
+        yield proxy
+
+
+@contextmanager
+def as_s3_endpoint(proxy: P, monkeypatch: pytest.MonkeyPatch) -> Iterator[P]:
+    """Make `proxy` the S3 endpoint for the rest of the test; close it afterwards."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     try:
         yield proxy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import FaultProxy
+from conftest import FaultProxy, as_s3_endpoint
 
 from pmc_clip.sharding import ShardOptions, main, make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate
@@ -69,12 +69,8 @@ class UploadFaultProxy(FaultProxy):
 def upload_proxy(
     s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[UploadFaultProxy]:
-    proxy = UploadFaultProxy(s3_endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
-    try:
+    with as_s3_endpoint(UploadFaultProxy(s3_endpoint), monkeypatch) as proxy:
         yield proxy
-    finally:
-        proxy.close()
 
 
 def _options(tmp_path: Path, output: str, **overrides: object) -> ShardOptions:
