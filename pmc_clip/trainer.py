@@ -328,8 +328,8 @@ class Trainer:
         for index, batch in enumerate(group):
             is_last = index == len(group) - 1
             # Gradients are all-reduced only in the last micro-batch's backward.
-            sync = self.ddp_model.no_sync if not is_last and self.world_size > 1 else _no_op
-            with sync():
+            defer_sync = not is_last and self.world_size > 1
+            with self.ddp_model.no_sync() if defer_sync else contextlib.nullcontext():
                 with evaluate.autocast_context(self.device, spec.precision):
                     outputs = self.forward_model(*self._model_inputs(batch))
                     mlm_labels = batch.get("mlm_labels")
@@ -344,8 +344,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # One collective and one host sync per step: every rank learns whether any rank
         # saw a non-finite loss, was asked to stop, or (rank 0's clock) is due to save.
-        loss_nonfinite = not_finite(loss_sums["loss"])
-        grad_nonfinite = not_finite(grad_norm) & (spec.precision != "amp")
+        loss_nonfinite = ~torch.isfinite(loss_sums["loss"])
+        grad_nonfinite = ~torch.isfinite(grad_norm) & (spec.precision != "amp")
         local_flags = [self.stop_requested, self._save_due_by_time()]
         flags = torch.cat(
             [
@@ -613,15 +613,6 @@ class _Window:
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
-
-
-@contextlib.contextmanager
-def _no_op() -> Iterator[None]:
-    yield
-
-
-def not_finite(value: torch.Tensor) -> torch.Tensor:
-    return ~torch.isfinite(value)
 
 
 def _memory_gb(device: torch.device) -> float:
