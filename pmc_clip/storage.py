@@ -16,6 +16,7 @@ import os
 import posixpath
 import random
 import shutil
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -386,6 +387,21 @@ def _retrying(
     return retry_call(what, url, options.retry, attempt, ShardReadError, count_retry)
 
 
+# A tar stream reader stops at the end-of-archive marker (two zero blocks), which is followed
+# by zero padding up to a whole record (tarfile and GNU tar: 20 blocks of 512 bytes). A last
+# range holding nothing but that tail would be fetched by the prefetch thread and never
+# read: a wasted request, and one whose failures and retries land after the stream has
+# moved on. So a last range shorter than the longest possible tail is merged into the one
+# before it, and every range a well-formed tar is read with gets read.
+TAR_TAIL_BYTES = tarfile.RECORDSIZE + 2 * tarfile.BLOCKSIZE
+
+
+def range_end(start: int, size_bytes: int, chunk_bytes: int) -> int:
+    """End (exclusive) of the range request that starts at `start`."""
+    end = min(start + chunk_bytes, size_bytes)
+    return size_bytes if size_bytes - end < TAR_TAIL_BYTES else end
+
+
 class RangeReader(io.RawIOBase):
     """A read-only stream over an fsspec file, fetched as retried range requests.
 
@@ -432,7 +448,7 @@ class RangeReader(io.RawIOBase):
     def _prefetch(self) -> None:
         if self._next_offset < self.size_bytes:
             start = self._next_offset
-            end = min(start + self.options.chunk_bytes, self.size_bytes)
+            end = range_end(start, self.size_bytes, self.options.chunk_bytes)
             self._pending = self._executor.submit(self._fetch, start, end)
             self._next_offset = end
         else:

@@ -1,10 +1,13 @@
 """Streaming shards from a real S3-compatible server on loopback (moto's server mode), with
 and without a fault-injecting proxy in front of it: 503 throttling, connections dropped
-mid-body, connections reset, stalled responses, and an object that never reads."""
+mid-body, connections reset, stalled responses, and an object that never reads; and the
+range requests a shard is read with."""
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,13 @@ from helpers_data import (
 )
 
 from pmc_clip.data import build_eval_loader, build_train_loader
+from pmc_clip.storage import (
+    RangeReader,
+    ShardFilesystems,
+    ShardReadCounters,
+    ShardReadOptions,
+    range_end,
+)
 from pmc_clip.tokenize import CaptionTokenizer
 
 NUM_ARTICLES = 16  # x 4 figures = 64 samples
@@ -143,3 +153,36 @@ def test_http_urls_stream_through_fsspec(
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(loader))) == keys
     assert loader.meter.totals()["shard_requests"] > 8
+
+
+@pytest.mark.parametrize("chunk_bytes", [512, 4096, 10240, 16 * 1024, 20000, 1 << 20])
+@pytest.mark.parametrize("payload_bytes", [0, 100, 9000, 30000, 70000])
+def test_range_reads_never_fetch_a_tail_the_tar_reader_skips(
+    tmp_path: Path, chunk_bytes: int, payload_bytes: int
+) -> None:
+    """tarfile stops reading at the end-of-archive marker; the record padding after it must
+    not be a range request of its own (the prefetch thread would fetch it, nobody would read
+    it, and its retries would land after the stream moved on)."""
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for index, size in enumerate((payload_bytes, 1, payload_bytes // 3)):
+            member = tarfile.TarInfo(f"sample{index}.txt")
+            member.size = size
+            tar.addfile(member, io.BytesIO(b"x" * size))
+        end_of_archive = tar.offset  # where the two zero blocks start
+    size_bytes = path.stat().st_size
+    starts = [0]
+    while (end := range_end(starts[-1], size_bytes, chunk_bytes)) < size_bytes:
+        assert end - starts[-1] == chunk_bytes
+        starts.append(end)
+    assert starts[-1] <= end_of_archive < size_bytes
+
+    counters = ShardReadCounters()
+    options = ShardReadOptions(chunk_bytes=chunk_bytes)
+    reader = RangeReader(path.as_uri(), ShardFilesystems(options), counters)
+    with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|*") as tar:
+        sizes = [member.size for member in tar]
+    reader.close()
+    assert sizes == [payload_bytes, 1, payload_bytes // 3]
+    assert counters.requests == 1 + len(starts)  # stat + every range, each one read
+    assert counters.bytes_read == size_bytes
