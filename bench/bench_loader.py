@@ -273,9 +273,12 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
             for s, i in zip(samples, images, strict=True)
         ]
         for name, uint8 in (("images float32", False), ("images uint8", True)):
+            # One buffer for every batch, as a worker's pooled shared buffers are reused.
+            dtype = torch.uint8 if uint8 else torch.float32
+            buffer = torch.empty((64, 3, 224, 224), dtype=dtype)
             start = time.perf_counter()
             for first in range(0, num_full, 64):
-                builder = BatchBuilder(tokenizer, 64, 224, uint8)
+                builder = BatchBuilder(tokenizer, buffer)
                 for row in rows[first : first + 64]:
                     builder.add(row)
             timed(name, start, num_full)

@@ -47,6 +47,12 @@ recognised to be skipped the same way). A resumed epoch yields exactly the batch
 interrupted run would have yielded from that step on; the skip costs a decode of the
 delivered part of the epoch, divided over all ranks and workers.
 
+Batches cross from a worker to the trainer's process in shared memory. Each worker reuses
+a small pool of image buffers (`BatchBufferPool`): a slot goes back to the worker once the
+trainer's process holds no tensor on it (or the pin-memory thread has copied it), so a
+consumer may keep any batch as long as it likes; keeping many only costs fresh buffers
+(counted as `batch_buffers_allocated`).
+
 Security: only image members (jpg/jpeg/png/webp, opened with PIL restricted to those
 formats), `.txt` (strict UTF-8) and `.json` are kept; anything else in a shard (`.pyd`,
 `.pth`, `.npy`, ...) is dropped unread. Shard content is never unpickled.
@@ -64,6 +70,7 @@ import os
 import posixpath
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +94,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 KEPT_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
 STATS_KEY = "_stats"  # worker counters riding along each batch; the loader pops them
+BUFFER_KEY = "_buffer"  # (worker, pool slot) of a batch's image buffer; the loader pops it
 _WARN_FIRST = 10  # warnings logged per worker and kind before only every _WARN_EVERY-th
 _WARN_EVERY = 1000
 
@@ -309,6 +317,9 @@ class WorkerCounters:
     # Samples a shard's manifest count promised but the shard did not hold (a tar cut at
     # a member boundary reads as a shorter, valid archive: only the count shows the loss).
     samples_missing: int = 0
+    # Batch image buffers allocated in shared memory; once the pool is warm only a consumer
+    # that keeps batches alive (or more of them than the pool holds) makes this grow.
+    batch_buffers_allocated: int = 0
     read: storage.ShardReadCounters = dataclasses.field(default_factory=storage.ShardReadCounters)
 
     def as_dict(self) -> dict[str, int]:
@@ -439,24 +450,18 @@ def decode_and_transform(
 class BatchBuilder:
     """Collects decoded samples into one batch dict: {images, keys, token tensors}.
 
-    Each image is written into the batch's pixel buffer as it arrives, so a sample's
-    decoded pixels are freed (and their pages reused by the next decode) at once instead
-    of 64 of them living until the batch is stacked: on this VM every fresh page faults
-    at ~6 us. In a data-loader worker the buffer is allocated in shared memory, so the
-    batch reaches the trainer's process without the copy torch makes of a private tensor.
-    Captions are tokenized (and MLM-masked) in one call per batch.
+    Each image is written into the batch's pixel buffer (`images`, [capacity, 3, H, W],
+    uint8 or float32) as it arrives, so a sample's decoded pixels are freed (and their
+    pages reused by the next decode) at once instead of 64 of them living until the batch
+    is stacked: on this VM every fresh page faults at ~6 us. In a data-loader worker the
+    buffer is shared memory (`BatchBufferPool`), so the batch reaches the trainer's process
+    without the copy torch makes of a private tensor. Captions are tokenized (and
+    MLM-masked) in one call per batch.
     """
 
-    def __init__(
-        self, tokenizer: CaptionTokenizer, capacity: int, image_size: int, images_uint8: bool
-    ) -> None:
+    def __init__(self, tokenizer: CaptionTokenizer, images: torch.Tensor) -> None:
         self.tokenizer = tokenizer
-        self.images = torch.empty(
-            (capacity, 3, image_size, image_size),
-            dtype=torch.uint8 if images_uint8 else torch.float32,
-        )
-        if get_worker_info() is not None:
-            self.images.share_memory_()
+        self.images = images
         self.keys: list[str] = []
         self.captions: list[str] = []
         self.rngs: list[np.random.Generator] = []
@@ -479,6 +484,62 @@ class BatchBuilder:
             "keys": self.keys,
             **self.tokenizer.batch(self.captions, self.rngs),
         }
+
+
+class BatchBufferPool:
+    """Shared-memory image buffers that data-loader workers reuse from batch to batch.
+
+    A fresh shared buffer per batch costs the worker a page fault (and the kernel a zeroed
+    page) per 4 KiB: ~0.2 ms per sample for uint8 224 px batches and ~0.9 ms for float32 on
+    the VM of bench/RESULTS.md, a third of a sample's decode. A worker takes a free slot
+    (allocating its buffer on first use); the trainer's process marks the slot free again
+    once nothing there holds the batch's images: at once when the pin-memory thread has
+    copied them, otherwise when the last tensor on the buffer is garbage-collected (views
+    included: a storage lives as long as any tensor on it). A worker with no free slot
+    allocates a one-off buffer, so a consumer that keeps batches never blocks a worker and
+    never sees its batch overwritten.
+
+    Created in the main process before the workers start; `in_use` is shared memory, the
+    buffers are per worker process.
+    """
+
+    def __init__(self, num_workers: int, num_slots: int) -> None:
+        self.in_use = torch.zeros((num_workers, num_slots), dtype=torch.uint8).share_memory_()
+        self._buffers: dict[int, torch.Tensor] = {}  # this worker's, by slot
+
+    def acquire(
+        self, worker: int, shape: tuple[int, ...], dtype: torch.dtype, counters: WorkerCounters
+    ) -> tuple[torch.Tensor, int]:
+        """(buffer, slot) in a worker; slot -1 for a one-off buffer."""
+        free = [slot for slot, busy in enumerate(self.in_use[worker].tolist()) if not busy]
+        # Lowest free slot first: a consumer that lets go promptly keeps few buffers busy.
+        slot = free[0] if free else -1
+        buffer = self._buffers.get(slot)
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=dtype).share_memory_()
+            counters.batch_buffers_allocated += 1
+            if slot >= 0:
+                self._buffers[slot] = buffer
+        assert buffer.shape == shape and buffer.dtype == dtype, (buffer.shape, shape)
+        if slot >= 0:
+            self.in_use[worker, slot] = 1
+        return buffer, slot
+
+    def release_when_unused(self, images: torch.Tensor, worker: int, slot: int) -> None:
+        """In the trainer's process, for a batch received from `worker`."""
+        if slot < 0:
+            return
+        if images.is_pinned():  # the pin-memory thread's copy; the shared buffer is gone
+            self.in_use[worker, slot] = 0
+        else:
+            release = weakref.finalize(
+                images.untyped_storage(), _mark_free, self.in_use, worker, slot
+            )
+            release.atexit = False  # nothing to hand back once the process exits
+
+
+def _mark_free(in_use: torch.Tensor, worker: int, slot: int) -> None:
+    in_use[worker, slot] = 0
 
 
 def _shuffle_rng(*seed_parts: int) -> random.Random:
@@ -519,9 +580,10 @@ class StreamSpec:
 class ShardStream(IterableDataset):
     """One rank's stream; each DataLoader worker iterates its own part of it."""
 
-    def __init__(self, spec: StreamSpec) -> None:
+    def __init__(self, spec: StreamSpec, buffers: BatchBufferPool | None = None) -> None:
         super().__init__()
         self.spec = spec
+        self.buffers = buffers  # for DataLoader workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
@@ -544,29 +606,39 @@ class ShardStream(IterableDataset):
             # inherited from the parent wins).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
-        for batch in self._batches(samples, batch_size):
+        images_shape = (batch_size, 3, spec.config.image_size, spec.config.image_size)
+        images_dtype = torch.uint8 if spec.config.images_uint8 else torch.float32
+
+        def new_images() -> tuple[torch.Tensor, int]:
+            if info is None or self.buffers is None:
+                return torch.empty(images_shape, dtype=images_dtype), -1
+            return self.buffers.acquire(loader_worker, images_shape, images_dtype, counters)
+
+        for batch, slot in self._batches(samples, batch_size, new_images):
             counters.samples_delivered += len(batch["keys"])
             batch[STATS_KEY] = counters.as_dict()
+            batch[BUFFER_KEY] = (loader_worker, slot)
             yield batch
 
     def _batches(
-        self, samples: Iterable[dict[str, Any]], batch_size: int
-    ) -> Iterator[dict[str, Any]]:
-        config = self.spec.config
-        builder: BatchBuilder | None = None  # allocated at a batch's first sample
+        self,
+        samples: Iterable[dict[str, Any]],
+        batch_size: int,
+        new_images: Callable[[], tuple[torch.Tensor, int]],
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        builder: BatchBuilder | None = None  # a buffer is taken at a batch's first sample
         for sample in samples:
             if builder is None:
-                builder = BatchBuilder(
-                    self.spec.tokenizer, batch_size, config.image_size, config.images_uint8
-                )
+                images, slot = new_images()
+                builder = BatchBuilder(self.spec.tokenizer, images)
             builder.add(sample)
             if len(builder) == batch_size:
-                yield builder.build()
+                yield builder.build(), slot
                 builder = None
         if builder is not None:
             # The train quota is a whole number of batches: a partial one is a bug.
             assert not self.spec.train, f"partial train batch of {len(builder)}"
-            yield builder.build()
+            yield builder.build(), slot
 
     def _pipeline(
         self, urls: Iterable[str], worker: int, rep: int, counters: WorkerCounters
@@ -706,12 +778,18 @@ class _Loader:
         if spec.plan is not None and self.step >= spec.plan.num_batches:
             return  # epoch already complete
         self.meter.worker_counters = {}
+        num_workers = spec.config.num_workers
+        # Slots per worker: its prefetched batches, the one the trainer holds, the one the
+        # previous step's variables still hold, and the one being filled.
+        buffers = (
+            BatchBufferPool(num_workers, spec.config.prefetch_factor + 3) if num_workers else None
+        )
         loader = DataLoader(
-            ShardStream(spec),
+            ShardStream(spec, buffers),
             batch_size=None,  # batches are made inside the workers
-            num_workers=spec.config.num_workers,
+            num_workers=num_workers,
             pin_memory=spec.config.pin_memory and torch.cuda.is_available(),
-            prefetch_factor=spec.config.prefetch_factor if spec.config.num_workers else None,
+            prefetch_factor=spec.config.prefetch_factor if num_workers else None,
             persistent_workers=False,
             # Every random choice in the stream is seeded explicitly; a private generator
             # keeps the DataLoader from drawing its base seed from the global torch RNG,
@@ -726,6 +804,9 @@ class _Loader:
             except StopIteration:
                 break
             stats = batch.pop(STATS_KEY)
+            worker, slot = batch.pop(BUFFER_KEY)
+            if buffers is not None:
+                buffers.release_when_unused(batch["images"], worker, slot)
             self.meter.update(len(batch["keys"]), time.perf_counter() - wait_start, stats)
             self.step += 1
             yield batch

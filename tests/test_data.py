@@ -121,6 +121,32 @@ def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
     assert next_keys[0] != keys_of(ranks[0])
 
 
+def test_reused_image_buffers_never_overwrite_a_batch_the_consumer_keeps(
+    even: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    """Workers reuse their shared image buffers once the trainer's process lets go of a
+    batch. A consumer that keeps every batch must see each intact (the workers fall back to
+    one-off buffers), and one that lets go at once gets the same pixels from a few buffers."""
+    cfg = data_config(even.pattern, batch_size=4)  # 40 batches: 20 per worker, 5 slots each
+    keeper = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    kept = collect(keeper)
+    assert len(kept) == 40
+    assert keeper.meter.totals()["batch_buffers_allocated"] == 40  # none could be reused
+
+    prompt = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    copies: dict[str, torch.Tensor] = {}
+    with deadline(60):
+        for batch in prompt:
+            copies |= {key: batch["images"][row].clone() for row, key in enumerate(batch["keys"])}
+    num_slots = cfg.num_workers * (cfg.prefetch_factor + 3)
+    assert prompt.meter.totals()["batch_buffers_allocated"] <= num_slots < 40
+
+    assert len(copies) == 160
+    for batch in kept:
+        for row, key in enumerate(batch["keys"]):
+            assert torch.equal(batch["images"][row], copies[key]), key
+
+
 def test_uneven_shards_give_every_rank_and_worker_the_same_batch_count(
     uneven: Shards, tokenizer: CaptionTokenizer
 ) -> None:
