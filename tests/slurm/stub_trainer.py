@@ -31,6 +31,13 @@ import torch.distributed as dist
 EXIT_CODE_PREEMPTED = 3
 
 
+def say(line: str) -> None:
+    """One line in one write: the ranks share stdout, and print() under PYTHONUNBUFFERED
+    writes the text and its newline separately, so lines of two ranks could interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--logs", required=True)
@@ -55,15 +62,14 @@ def main() -> int:
     nodes: list[str] = [""] * world
     dist.all_gather_object(nodes, node)
     expected = world * (world + 1) / 2
-    print(
+    say(
         f"stub rank={rank} local_rank={os.environ.get('LOCAL_RANK')} world_size={world} "
-        f"node={node} allreduce={total.item()} expected={expected}",
-        flush=True,
+        f"node={node} allreduce={total.item()} expected={expected}"
     )
     if total.item() != expected:
         return 1
     if rank == 0:
-        print(f"stub nodes={','.join(nodes)}", flush=True)
+        say(f"stub nodes={','.join(nodes)}")
 
     checkpoints = Path(args.logs) / args.name / "checkpoints"
     start = 0
@@ -71,7 +77,7 @@ def main() -> int:
         name = json.loads((checkpoints / "latest.json").read_text())["name"]
         start = json.loads((checkpoints / name).read_text())["step"]
         if rank == 0:
-            print(f"stub resumed from step {start}", flush=True)
+            say(f"stub resumed from step {start}")
 
     def save(step: int) -> None:
         if rank == 0:
@@ -88,16 +94,16 @@ def main() -> int:
         flag = torch.tensor([float(stop["requested"])])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
         if rank == 0:
-            print(f"stub step {step}", flush=True)
+            say(f"stub step {step}")
         if flag.item():
             save(step)
             if rank == 0:
-                print(f"stub stopped by signal {int(flag.item())} at step {step}", flush=True)
+                say(f"stub stopped by signal {int(flag.item())} at step {step}")
             dist.destroy_process_group()
             return EXIT_CODE_PREEMPTED
     save(steps)
     if rank == 0:
-        print(f"stub done step={steps}", flush=True)
+        say(f"stub done step={steps}")
     dist.destroy_process_group()
     return 0
 
