@@ -340,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     # Interleaved repeats, best of each: the machine's load drifts (shared CI boxes), and
     # interleaving exposes every contender to the same drift.
     results: dict[str, float] = {}
-    cpu_ms: dict[str, float] = {}
     cpu_by_repeat: dict[str, list[float]] = {}
     with s3_server(pattern) if "ours-s3" in contenders else contextlib.nullcontext("") as s3:
         s3_pattern = s3
@@ -352,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
                 # other jobs than wall time. Not for openclip: its subprocess pays imports.
                 cpu = (_cpu_seconds() - cpu_before) / num_samples * 1000
                 if name != "openclip":
-                    cpu_ms[name] = min(cpu_ms.get(name, float("inf")), cpu)
                     cpu_by_repeat.setdefault(name, []).append(cpu)
                 print(
                     f"  repeat {repeat}: {name:10s} {value:7.1f} samples/s  "
@@ -360,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 results[name] = max(results.get(name, 0.0), value)
+    cpu_ms = {name: min(values) for name, values in cpu_by_repeat.items()}
     for name, value in results.items():
         cpu_text = f"{cpu_ms[name]:5.2f} cpu-ms/sample" if name in cpu_ms else ""
         print(f"{name:10s} {value:7.1f} samples/s  {cpu_text}")

@@ -95,6 +95,9 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 KEPT_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))
 STATS_KEY = "_stats"  # worker counters riding along each batch; the loader pops them
 BUFFER_KEY = "_buffer"  # (worker, pool slot) of a batch's image buffer; the loader pops it
+# Image buffers per worker beyond its prefetched batches: the batch the trainer holds, the
+# one the previous step's variables still hold, and the one being filled.
+POOL_SLOTS_BEYOND_PREFETCH = 3
 _WARN_FIRST = 10  # warnings logged per worker and kind before only every _WARN_EVERY-th
 _WARN_EVERY = 1000
 
@@ -779,10 +782,10 @@ class _Loader:
             return  # epoch already complete
         self.meter.worker_counters = {}
         num_workers = spec.config.num_workers
-        # Slots per worker: its prefetched batches, the one the trainer holds, the one the
-        # previous step's variables still hold, and the one being filled.
         buffers = (
-            BatchBufferPool(num_workers, spec.config.prefetch_factor + 3) if num_workers else None
+            BatchBufferPool(num_workers, spec.config.prefetch_factor + POOL_SLOTS_BEYOND_PREFETCH)
+            if num_workers
+            else None
         )
         loader = DataLoader(
             ShardStream(spec, buffers),

@@ -33,6 +33,7 @@ from PIL import Image
 from pmc_clip import transforms
 from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
 from pmc_clip.data import (
+    POOL_SLOTS_BEYOND_PREFETCH,
     build_eval_loader,
     build_train_loader,
     expand_spec,
@@ -138,7 +139,7 @@ def test_reused_image_buffers_never_overwrite_a_batch_the_consumer_keeps(
     with deadline(60):
         for batch in prompt:
             copies |= {key: batch["images"][row].clone() for row, key in enumerate(batch["keys"])}
-    num_slots = cfg.num_workers * (cfg.prefetch_factor + 3)
+    num_slots = cfg.num_workers * (cfg.prefetch_factor + POOL_SLOTS_BEYOND_PREFETCH)
     assert prompt.meter.totals()["batch_buffers_allocated"] <= num_slots < 40
 
     assert len(copies) == 160

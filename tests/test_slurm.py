@@ -152,6 +152,19 @@ def wait_for_text(path: Path, pattern: str, timeout: float) -> re.Match[str]:
     raise AssertionError(f"{pattern!r} not in {path} after {timeout} s")
 
 
+def preempt_and_wait(workdir: Path, job: int) -> str:
+    """Send the pre-timeout signal to a running job, wait for it to end, and check that it
+    requeued once and then completed; returns its output."""
+    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
+    final = wait_for_job(job)
+    output = job_output(workdir, job)
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        final,
+        output,
+    )
+    return output
+
+
 def assert_ranks_on_nodes(output: str, world_size: int) -> None:
     """One rank per fake node: the launch script's `rank R/W on NODE` line of each task."""
     placed = dict(re.findall(rf"rank (\d+)/{world_size} on (n\d+)", output))
@@ -204,13 +217,7 @@ def test_8node_script_runs_checkpoints_requeues_and_resumes(
 
     out = tmp_path / "logs" / f"pmc-clip-pretrain-{job}.out"
     wait_for_text(out, r"0: stub step 3\b", timeout=120)
-    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
-    final = wait_for_job(job)
-    output = job_output(tmp_path, job)
-    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        final,
-        output,
-    )
+    output = preempt_and_wait(tmp_path, job)
 
     # Both runs: 8 ranks, one per node, the all_reduce of 1..8 = 36 on every rank.
     assert (
@@ -335,13 +342,7 @@ def test_8node_training_job_checkpoints_requeues_and_resumes(
     job = submit(tmp_path, trainer_env(tiny_inputs, steps), "--log-every-n-steps", "1")
     run_dir = tmp_path / "logs" / f"pmc-clip-pretrain-{job}"
     wait_for_text(run_dir / "out.log", r"epoch \d+ step [3-9]/", timeout=180)
-    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
-    final = wait_for_job(job)
-    output = job_output(tmp_path, job)
-    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        final,
-        output,
-    )
+    output = preempt_and_wait(tmp_path, job)
     log = (run_dir / "out.log").read_text()
     stopped = int(re.search(r"stopped on request at step (\d+)", log).group(1))  # type: ignore[union-attr]
     assert 3 <= stopped < steps, log
