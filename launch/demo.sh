@@ -5,7 +5,7 @@
 #
 # Steps: set up the venv (first run only); generate a small PMC-OA-like dataset of
 # figures whose captions name what is drawn (shape, colour, position), with a WordPiece
-# tokenizer trained on those captions; shard it with tools/make_shards.py and verify the
+# tokenizer built from those captions; shard it with tools/make_shards.py and verify the
 # shards; pretrain the tiny PMC-CLIP model (contrastive + MLM) with 2 processes (gloo) on
 # CPU; evaluate retrieval on the held-out split and print where logs and checkpoints are.
 # Variables: DEMO_DIR (default ./demo_out), DEMO_ARTICLES (default 150), DEMO_EPOCHS

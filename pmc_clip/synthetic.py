@@ -4,7 +4,7 @@
 
 Writes `images/PMC<article>_F<figure>_<subfigure>.{jpg,png}` and `pmc_oa.jsonl` with the
 real dataset's columns (image, caption, alignment_type, alignment_score, pmcid), and (from
-the command line) a small WordPiece tokenizer trained on the captions in `tokenizer/`. The
+the command line) a small WordPiece tokenizer built from the captions in `tokenizer/`. The
 caption names the shape, colour and position drawn, so a model can learn the pairing:
 the demo's retrieval recall rising above chance is a real signal, not noise.
 Deterministic for a given seed.
@@ -115,22 +115,36 @@ def generate(options: SyntheticOptions) -> str:
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def write_tokenizer(captions: Iterable[str], directory: str, vocab_size: int = 2000) -> str:
-    """Train a small lower-casing WordPiece vocabulary on `captions` and save a BERT
-    tokenizer to `directory` (loadable with --tokenizer DIRECTORY). For generated data
-    and tests only: real runs use PubMedBERT's tokenizer."""
-    from tokenizers import BertWordPieceTokenizer
+def write_tokenizer(captions: Iterable[str], directory: str) -> str:
+    """Save a lower-casing BERT WordPiece tokenizer to `directory` (loadable with
+    --tokenizer DIRECTORY) whose vocabulary is every word of `captions` plus their single
+    characters, as word starts and ## continuations, so an unseen word still tokenizes.
+    Built, not trained: tokenizers' WordPiece trainer breaks ties in hash-map order, so the
+    same captions gave another vocabulary on every run (huggingface/tokenizers#1794) and the
+    demo was not reproducible. For generated data and tests only: real runs use PubMedBERT's
+    tokenizer."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from transformers import BertTokenizer
 
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(
-        captions, vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
+    # The same lower-casing and word splitting BertTokenizer applies before WordPiece.
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = {
+        word
+        for caption in captions
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))
+    }
+    characters = {character for word in words for character in word}
+    tokens = [
+        *SPECIAL_TOKENS,
+        *sorted(words | characters),
+        *sorted(f"##{character}" for character in characters),
+    ]
     os.makedirs(directory, exist_ok=True)
-    vocab_file = wordpiece.save_model(directory)[0]
-    tokenizer = BertTokenizer(vocab=vocab_file, do_lower_case=True)
-    assert len(tokenizer) == wordpiece.get_vocab_size(), "vocabulary lost on the way"
-    tokenizer.save_pretrained(directory)
+    vocab_file = os.path.join(directory, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(tokens) + "\n")
+    BertTokenizer(vocab=vocab_file, do_lower_case=True).save_pretrained(directory)
     return directory
 
 

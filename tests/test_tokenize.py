@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from helpers_text import CAPTIONS, WORDS, build_tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from pmc_clip.synthetic import SyntheticOptions, generate, write_tokenizer
 from pmc_clip.tokenize import IGNORE_INDEX, CaptionTokenizer, load_tokenizer
 
 
@@ -146,3 +148,23 @@ def test_whole_word_masking_statistics(tokenizer: PreTrainedTokenizerBase) -> No
     assert num_masked / num_selected == pytest.approx(0.8, abs=0.025)
     assert num_random / num_selected == pytest.approx(0.1, abs=0.02)
     assert num_unchanged / num_selected == pytest.approx(0.1, abs=0.02)
+
+
+def test_generated_data_tokenizer_is_the_same_on_every_run(tmp_path: Path) -> None:
+    """The demo's tokenizer is built from its generated captions; the same captions must
+    give the same vocabulary every time (the tokenizers trainer did not: its ties follow
+    hash-map order), or a seeded demo run is not reproducible."""
+    jsonl = generate(SyntheticOptions(output=str(tmp_path / "raw"), num_articles=20))
+    captions = [json.loads(line)["caption"] for line in Path(jsonl).read_text().splitlines()]
+    vocabularies = set()
+    for attempt in range(5):
+        directory = write_tokenizer(captions, str(tmp_path / f"tokenizer{attempt}"))
+        vocabularies.add((Path(directory) / "vocab.txt").read_text())
+    assert len(vocabularies) == 1
+    tokenizer = load_tokenizer(directory)
+    assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [
+        0, 1, 2, 3, 4
+    ]  # fmt: skip
+    for caption in captions:  # every generated word is in the vocabulary as a whole
+        assert tokenizer.unk_token not in tokenizer.tokenize(caption)
+        assert not any(token.startswith("##") for token in tokenizer.tokenize(caption))
