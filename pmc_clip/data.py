@@ -406,7 +406,7 @@ def sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator
 
 @dataclass(frozen=True)
 class SampleProcessor:
-    """Undecoded sample -> {key, image uint8 [3,H,W], caption, rng}; raises if bad.
+    """Undecoded sample -> {key, image uint8 [H, W, 3], caption, rng}; raises if bad.
 
     The caption is tokenized per batch (`BatchBuilder`), with the sample's own generator
     (after the crop's draws), so masks are those of a per-sample tokenizer call."""
@@ -511,7 +511,12 @@ class BatchBufferPool:
         self._buffers: dict[int, torch.Tensor] = {}  # this worker's, by slot
 
     def acquire(
-        self, worker: int, shape: tuple[int, ...], dtype: torch.dtype, counters: WorkerCounters
+        self,
+        worker: int,
+        batch_size: int,
+        image_size: int,
+        dtype: torch.dtype,
+        counters: WorkerCounters,
     ) -> tuple[torch.Tensor, int]:
         """(buffer, slot) in a worker; slot -1 for a one-off buffer."""
         free = [slot for slot, busy in enumerate(self.in_use[worker].tolist()) if not busy]
@@ -519,11 +524,12 @@ class BatchBufferPool:
         slot = free[0] if free else -1
         buffer = self._buffers.get(slot)
         if buffer is None:
-            buffer = torch.empty(shape, dtype=dtype).share_memory_()
+            buffer = transforms.empty_batch(batch_size, image_size, dtype).share_memory_()
             counters.batch_buffers_allocated += 1
             if slot >= 0:
                 self._buffers[slot] = buffer
-        assert buffer.shape == shape and buffer.dtype == dtype, (buffer.shape, shape)
+        assert buffer.shape == (batch_size, 3, image_size, image_size), buffer.shape
+        assert buffer.dtype == dtype, (buffer.dtype, dtype)
         if slot >= 0:
             self.in_use[worker, slot] = 1
         return buffer, slot
@@ -609,13 +615,15 @@ class ShardStream(IterableDataset):
             # inherited from the parent wins).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
-        images_shape = (batch_size, 3, spec.config.image_size, spec.config.image_size)
+        image_size = spec.config.image_size
         images_dtype = torch.uint8 if spec.config.images_uint8 else torch.float32
 
         def new_images() -> tuple[torch.Tensor, int]:
             if info is None or self.buffers is None:
-                return torch.empty(images_shape, dtype=images_dtype), -1
-            return self.buffers.acquire(loader_worker, images_shape, images_dtype, counters)
+                return transforms.empty_batch(batch_size, image_size, images_dtype), -1
+            return self.buffers.acquire(
+                loader_worker, batch_size, image_size, images_dtype, counters
+            )
 
         for batch, slot in self._batches(samples, batch_size, new_images):
             counters.samples_delivered += len(batch["keys"])

@@ -303,7 +303,9 @@ def zero_shot_classification(
 def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
     with Image.open(path) as image:
         pixels = transforms.eval_transform(image, image_size)
-    return transforms.normalize_batch(pixels.unsqueeze(0))[0]
+    normalized = torch.empty((3, image_size, image_size), dtype=torch.float32)
+    transforms.write_image(normalized, pixels)
+    return normalized
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -369,9 +369,12 @@ class Trainer:
         return StepResult(loss_sums, grad_norm.detach(), nonfinite, stop_now, save_due)
 
     def _model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        images = transforms.normalize_images(batch["images"].to(self.device, non_blocking=True))
-        if self.config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        memory_format = (
+            torch.channels_last if self.config.model.channels_last else torch.contiguous_format
+        )
+        images = transforms.normalize_images(
+            batch["images"].to(self.device, non_blocking=True), memory_format
+        )
         inputs = [
             images,
             batch["input_ids"].to(self.device, non_blocking=True),

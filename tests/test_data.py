@@ -397,19 +397,21 @@ def test_draft_decode_matches_full_decode_and_normalisation() -> None:
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
     box = (100, 50, 700, 600)
     with Image.open(io.BytesIO(buffer.getvalue())) as image:
-        fast = transforms.crop_to_tensor(image, box, 64)
+        fast = transforms.crop_to_pixels(image, box, 64)
         assert image.size[0] < 1024  # decoded at reduced scale
     with Image.open(io.BytesIO(buffer.getvalue())) as image:
         image.load()  # a loaded image is not drafted: full decode
-        full = transforms.crop_to_tensor(image, box, 64)
-    assert fast.shape == full.shape == (3, 64, 64) and fast.dtype == torch.uint8
-    assert (fast.float() - full.float()).abs().mean() < 3.0
+        full = transforms.crop_to_pixels(image, box, 64)
+    assert fast.shape == full.shape == (64, 64, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(np.float32) - full).mean() < 3.0
     # Odd sizes: libjpeg rounds each reduced side up; a box touching the far corner holds.
     buffer = io.BytesIO()
     Image.new("RGB", (1001, 767), "blue").save(buffer, "JPEG")
     with Image.open(io.BytesIO(buffer.getvalue())) as image:
-        assert transforms.crop_to_tensor(image, (301, 199, 700, 568), 64).shape == (3, 64, 64)
-    normalized = transforms.normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+        assert transforms.crop_to_pixels(image, (301, 199, 700, 568), 64).shape == (64, 64, 3)
+    white = np.full((2, 2, 3), 255, dtype=np.uint8)
+    normalized = transforms.empty_batch(1, 2, torch.float32)
+    transforms.write_image(normalized[0], white)
     expected = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(normalized[0, :, 0, 0], expected)
 
@@ -426,6 +428,14 @@ def test_uint8_images_normalised_on_device_match_float_batches(
     for as_uint8, as_float in zip(uint8_batches, float_batches, strict=True):
         assert as_uint8["images"].dtype == torch.uint8
         assert as_uint8["images"].shape == as_float["images"].shape
+        # uint8 batches are channels-last in memory (one plain copy per image), float ones
+        # contiguous; normalize_images hands the model the layout it asks for.
+        assert as_uint8["images"].is_contiguous(memory_format=torch.channels_last)
+        assert as_float["images"].is_contiguous()
         normalized = transforms.normalize_images(as_uint8["images"])
+        assert normalized.is_contiguous()
         assert torch.allclose(normalized, as_float["images"], atol=1e-5)
+        channels_last = transforms.normalize_images(as_uint8["images"], torch.channels_last)
+        assert channels_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(channels_last, normalized)
     assert transforms.normalize_images(float_batches[0]["images"]) is float_batches[0]["images"]
