@@ -303,7 +303,7 @@ def zero_shot_classification(
 def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
     with Image.open(path) as image:
         pixels = transforms.eval_transform(image, image_size)
-    normalized = torch.empty((3, image_size, image_size), dtype=torch.float32)
+    normalized = transforms.empty_batch(1, image_size, torch.float32)[0]
     transforms.write_image(normalized, pixels)
     return normalized
 

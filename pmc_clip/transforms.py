@@ -125,10 +125,11 @@ def empty_batch(batch_size: int, image_size: int, dtype: torch.dtype) -> torch.T
 
     uint8 batches are channels-last in memory (strides of [B, H, W, 3], the shape is still
     [B, 3, H, W]): each image is then one contiguous copy of PIL's [H, W, 3] pixels instead
-    of a transposing one (~50 us less per 224 px image), and a `.to(device)` keeps the
-    layout, which cuDNN's convolutions prefer anyway. float32 batches stay contiguous:
-    normalising [H, W, 3] pixels broadcasts over a 3-wide innermost dimension, which numpy
-    runs ~4x slower than the channel-first multiply-add."""
+    of a transposing one (85 -> 58 us per 224 px image into a cold batch slot, measured in
+    bench/RESULTS.md "Follow-up 3"), and a `.to(device)` keeps the layout, which cuDNN's
+    convolutions prefer anyway. float32 batches stay contiguous: normalising [H, W, 3]
+    pixels broadcasts over a 3-wide innermost dimension, which numpy runs ~4x slower than
+    the channel-first multiply-add."""
     shape = (batch_size, 3, image_size, image_size)
     if dtype == torch.uint8:
         return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
@@ -141,7 +142,9 @@ def write_image(out: torch.Tensor, pixels: np.ndarray) -> None:
     it is decoded, so the copy runs on cache-hot pixels and PIL's buffer is freed (and
     reused by the next decode) at once."""
     target = out.numpy()
-    target[...] = pixels.transpose(2, 0, 1)  # numpy's strided copy: 2x torch's for uint8
+    # A plain copy into a channels-last uint8 slot, a transposing one into a float32 slot
+    # (numpy's strided copy: 2x torch's).
+    target[...] = pixels.transpose(2, 0, 1)
     if target.dtype != np.uint8:
         # copy, multiply, add: the numerics of normalize_images' float path on the CPU
         # (each op rounds to float32 on its own, no fused multiply-add).
