@@ -54,10 +54,6 @@ class DataConfig:
     read_timeout_seconds: float = 60.0  # a stalled connection counts as a transient error
     # Local folder to copy fsspec shards into before reading them (None: stream them).
     cache_dir: str | None = None
-    # Ship `images` as uint8 [B, 3, H, W] instead of CLIP-normalised float32: a quarter of
-    # the shared memory per batch (page faults on fresh shared memory dominate the worker
-    # overhead), normalised on the GPU by transforms.normalize_images after the copy.
-    images_uint8: bool = False
     # --val-data may also be a CSV/JSONL table of (image path, caption) rows, as in the
     # original PMC-CLIP: its figures are under image_dir (folder, URL or images.zip).
     image_dir: str | None = None

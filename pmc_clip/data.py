@@ -458,8 +458,8 @@ class BatchBuilder:
     """Collects decoded samples into one batch dict: {images, keys, TOKENS_KEY}, the token
     tensors stacked (the loader unpacks them into input_ids, attention_mask, ...).
 
-    Each image is written into the batch's pixel buffer (`images`, [capacity, 3, H, W],
-    uint8 or float32) as it arrives, so a sample's decoded pixels are freed (and their
+    Each image is written into the batch's pixel buffer (`images`, uint8 [capacity, 3, H,
+    W]) as it arrives, so a sample's decoded pixels are freed (and their
     pages reused by the next decode) at once instead of 64 of them living until the batch
     is stacked: on this VM every fresh page faults at ~6 us. In a data-loader worker the
     buffer is shared memory (`BatchBufferPool`), so the batch reaches the trainer's process
@@ -499,8 +499,8 @@ class BatchBufferPool:
     """Shared-memory image buffers that data-loader workers reuse from batch to batch.
 
     A fresh shared buffer per batch costs the worker a page fault (and the kernel a zeroed
-    page) per 4 KiB: ~0.2 ms per sample for uint8 224 px batches and ~0.9 ms for float32 on
-    the VM of bench/RESULTS.md, a third of a sample's decode. A worker takes a free slot
+    page) per 4 KiB: ~0.2 ms per sample for (uint8) 224 px batches on the VM of
+    bench/RESULTS.md, a tenth of a sample's decode. A worker takes a free slot
     (allocating its buffer on first use); the trainer's process marks the slot free again
     once nothing there holds the batch's images: at once when the pin-memory thread has
     copied them, otherwise when the last tensor on the buffer is garbage-collected (views
@@ -521,7 +521,6 @@ class BatchBufferPool:
         worker: int,
         batch_size: int,
         image_size: int,
-        dtype: torch.dtype,
         counters: WorkerCounters,
     ) -> tuple[torch.Tensor, int]:
         """(buffer, slot) in a worker; slot -1 for a one-off buffer."""
@@ -530,12 +529,11 @@ class BatchBufferPool:
         slot = free[0] if free else -1
         buffer = self._buffers.get(slot)
         if buffer is None:
-            buffer = transforms.empty_batch(batch_size, image_size, dtype).share_memory_()
+            buffer = transforms.empty_batch(batch_size, image_size).share_memory_()
             counters.batch_buffers_allocated += 1
             if slot >= 0:
                 self._buffers[slot] = buffer
         assert buffer.shape == (batch_size, 3, image_size, image_size), buffer.shape
-        assert buffer.dtype == dtype, (buffer.dtype, dtype)
         if slot >= 0:
             self.in_use[worker, slot] = 1
         return buffer, slot
@@ -622,14 +620,11 @@ class ShardStream(IterableDataset):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         batch_size = spec.config.batch_size if spec.train else spec.config.eval_batch_size
         image_size = spec.config.image_size
-        images_dtype = torch.uint8 if spec.config.images_uint8 else torch.float32
 
         def new_images() -> tuple[torch.Tensor, int]:
             if info is None or self.buffers is None:
-                return transforms.empty_batch(batch_size, image_size, images_dtype), -1
-            return self.buffers.acquire(
-                loader_worker, batch_size, image_size, images_dtype, counters
-            )
+                return transforms.empty_batch(batch_size, image_size), -1
+            return self.buffers.acquire(loader_worker, batch_size, image_size, counters)
 
         for batch, slot in self._batches(samples, batch_size, new_images):
             counters.samples_delivered += len(batch["keys"])

@@ -285,7 +285,8 @@ def zero_shot_classification(
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             images = torch.stack([_load_eval_image(path, image_size) for path, _ in chunk])
-            features = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+            images = transforms.normalize_images(images.to(device))
+            features = F.normalize(model.encode_image(images).float(), dim=-1)
             logits.append((features @ classifier.T).cpu())
             labels += [label for _, label in chunk]
     model.train(was_training)
@@ -303,9 +304,9 @@ def zero_shot_classification(
 def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
     with Image.open(path) as image:
         pixels = transforms.eval_transform(image, image_size)
-    normalized = transforms.empty_batch(1, image_size, torch.float32)[0]
-    transforms.write_image(normalized, pixels)
-    return normalized
+    slot = transforms.empty_batch(1, image_size)[0]
+    transforms.write_image(slot, pixels)
+    return slot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,10 @@
 Train: RandomResizedCrop (area fraction in `crop_scale`, aspect ratio 3/4..4/3, bicubic),
 as in CLIP/OpenCLIP and the PMC-CLIP paper (crop scale 0.5). Eval: resize the shorter side
 to `image_size`, then centre-crop. Both end as uint8 [H, W, 3] pixels in PIL's layout;
-`write_image` puts them into their slot of a batch ([B, 3, H, W], see `empty_batch`), as
-uint8 or CLIP-normalised float32.
+`write_image` copies them into their slot of a uint8 batch ([B, 3, H, W], channels-last in
+memory, see `empty_batch`). Batches cross from the loader's workers to the trainer as
+uint8 and are CLIP-normalised where the model runs (`normalize_images`: on the GPU after
+the copy, or in the CPU trainer's process).
 
 Randomness comes only from the `numpy.random.Generator` passed in (seeded per sample by
 the data pipeline from seed, epoch and the sample key), never from torch's or numpy's
@@ -120,62 +122,43 @@ def eval_transform(image: Image.Image, image_size: int) -> np.ndarray:
     return crop_to_pixels(image, center_crop_box(image.width, image.height), image_size)
 
 
-def empty_batch(batch_size: int, image_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised [batch_size, 3, image_size, image_size] image batch for write_image.
+def empty_batch(batch_size: int, image_size: int) -> torch.Tensor:
+    """An uninitialised uint8 [batch_size, 3, image_size, image_size] batch for write_image.
 
-    uint8 batches are channels-last in memory (strides of [B, H, W, 3], the shape is still
-    [B, 3, H, W]): each image is then one contiguous copy of PIL's [H, W, 3] pixels instead
-    of a transposing one (85 -> 58 us per 224 px image into a cold batch slot, measured in
-    bench/RESULTS.md "Follow-up 3"), and a `.to(device)` keeps the layout, which cuDNN's
-    convolutions prefer anyway. float32 batches stay contiguous: normalising [H, W, 3]
-    pixels broadcasts over a 3-wide innermost dimension, which numpy runs ~4x slower than
-    the channel-first multiply-add."""
+    Channels-last in memory (strides of [B, H, W, 3], the shape is still [B, 3, H, W]): each
+    image is then one contiguous copy of PIL's [H, W, 3] pixels instead of a transposing one
+    (85 -> 58 us per 224 px image into a cold batch slot, measured in bench/RESULTS.md
+    "Follow-up 3"), and a `.to(device)` keeps the layout, which cuDNN's convolutions prefer
+    anyway. uint8, not float32: a quarter of the bytes through shared memory and PCIe, and
+    the workers do no normalising arithmetic (bench/RESULTS.md "Follow-up 4")."""
     shape = (batch_size, 3, image_size, image_size)
-    if dtype == torch.uint8:
-        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last)
 
 
 def write_image(out: torch.Tensor, pixels: np.ndarray) -> None:
-    """Write uint8 [H, W, 3] pixels (crop_to_pixels) into one slot of a batch: `out` is a
-    [3, H, W] uint8 slot (copied as is) or float32 one (CLIP-normalised). Done per image as
-    it is decoded, so the copy runs on cache-hot pixels and PIL's buffer is freed (and
-    reused by the next decode) at once."""
-    target = out.numpy()
-    # A plain copy into a channels-last uint8 slot, a transposing one into a float32 slot
-    # (numpy's strided copy: 2x torch's).
-    target[...] = pixels.transpose(2, 0, 1)
-    if target.dtype != np.uint8:
-        # copy, multiply, add: the numerics of normalize_images' float path on the CPU
-        # (each op rounds to float32 on its own, no fused multiply-add).
-        scale, shift = _cpu_scale_and_shift()
-        target *= scale
-        target += shift
+    """Copy uint8 [H, W, 3] pixels (crop_to_pixels) into one [3, H, W] slot of an
+    `empty_batch` (a plain copy: the slot is channels-last). Done per image as it is
+    decoded, so the copy runs on cache-hot pixels and PIL's buffer is freed (and reused by
+    the next decode) at once."""
+    out.numpy()[...] = pixels.transpose(2, 0, 1)
 
 
 def normalize_images(
     images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
 ) -> torch.Tensor:
-    """CLIP-normalise a batch wherever it is: uint8 [B, 3, H, W] (loaders built with
-    `images_uint8`, after `.to(device)`) -> float32 in `memory_format`; a float batch is
-    only brought to `memory_format` (uint8 batches arrive channels-last, see empty_batch)."""
+    """CLIP-normalise a uint8 [B, 3, H, W] batch wherever it is (after `.to(device)`):
+    float32 in `memory_format` (batches arrive channels-last, see empty_batch)."""
+    assert images.dtype == torch.uint8, images.dtype
     # The layout change runs on uint8 (a quarter of the float bytes), before the multiply.
     images = images.contiguous(memory_format=memory_format)
-    if images.is_floating_point():
-        return images
     scale, shift = _scale_and_shift(images.device)
     return torch.addcmul(shift, images.float(), scale)
 
 
 @functools.cache
-def _cpu_scale_and_shift() -> tuple[np.ndarray, np.ndarray]:
-    """[3, 1, 1] float32 arrays for write_image (made once per process, not per image)."""
-    scale, shift = _scale_and_shift(torch.device("cpu"))
-    return scale[0].numpy(), shift[0].numpy()
-
-
 def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_normalised = x_uint8 * scale + shift, per channel ([1, 3, 1, 1] each)."""
+    """x_normalised = x_uint8 * scale + shift, per channel ([1, 3, 1, 1] each); made once
+    per device (not a host-to-device copy every step)."""
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     scale = 1.0 / (255.0 * std)

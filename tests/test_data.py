@@ -110,7 +110,9 @@ def test_epoch_over_two_ranks_and_two_workers_is_exactly_the_dataset(
     assert set(delivered) == even.keys
     batch = ranks[0][0]
     assert batch["images"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["images"].dtype == torch.float32
+    # uint8, channels-last in memory (one plain copy per image): normalised by the trainer.
+    assert batch["images"].dtype == torch.uint8
+    assert batch["images"].is_contiguous(memory_format=torch.channels_last)
     assert batch["input_ids"].shape == batch["mlm_labels"].shape == (8, 16)
     assert set(batch) == {
         "images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "keys"
@@ -389,7 +391,7 @@ def test_random_resized_crop_matches_torchvision_semantics() -> None:
     assert a == b
 
 
-def test_draft_decode_matches_full_decode_and_normalisation() -> None:
+def test_draft_decode_matches_full_decode() -> None:
     # A smooth gradient: the DCT-scaled decode of a large JPEG must match the full one.
     across, down = np.meshgrid(np.linspace(0, 255, 1024), np.linspace(0, 255, 768))
     pixels = np.stack([across, down, np.full_like(across, 128.0)], axis=-1)
@@ -409,33 +411,21 @@ def test_draft_decode_matches_full_decode_and_normalisation() -> None:
     Image.new("RGB", (1001, 767), "blue").save(buffer, "JPEG")
     with Image.open(io.BytesIO(buffer.getvalue())) as image:
         assert transforms.crop_to_pixels(image, (301, 199, 700, 568), 64).shape == (64, 64, 3)
-    white = np.full((2, 2, 3), 255, dtype=np.uint8)
-    normalized = transforms.empty_batch(1, 2, torch.float32)
-    transforms.write_image(normalized[0], white)
-    expected = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    assert torch.allclose(normalized[0, :, 0, 0], expected)
 
 
-def test_uint8_images_normalised_on_device_match_float_batches(
-    even: Shards, tokenizer: CaptionTokenizer
-) -> None:
-    float_batches = collect(build_train_loader(data_config(even.pattern), tokenizer, 0, 2, seed=0))
-    uint8_loader = build_train_loader(
-        data_config(even.pattern, images_uint8=True), tokenizer, 0, 2, seed=0
-    )
-    uint8_batches = collect(uint8_loader)
-    assert keys_of(uint8_batches) == keys_of(float_batches)
-    for as_uint8, as_float in zip(uint8_batches, float_batches, strict=True):
-        assert as_uint8["images"].dtype == torch.uint8
-        assert as_uint8["images"].shape == as_float["images"].shape
-        # uint8 batches are channels-last in memory (one plain copy per image), float ones
-        # contiguous; normalize_images hands the model the layout it asks for.
-        assert as_uint8["images"].is_contiguous(memory_format=torch.channels_last)
-        assert as_float["images"].is_contiguous()
-        normalized = transforms.normalize_images(as_uint8["images"])
-        assert normalized.is_contiguous()
-        assert torch.allclose(normalized, as_float["images"], atol=1e-5)
-        channels_last = transforms.normalize_images(as_uint8["images"], torch.channels_last)
-        assert channels_last.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(channels_last, normalized)
-    assert transforms.normalize_images(float_batches[0]["images"]) is float_batches[0]["images"]
+def test_batches_hold_the_pixels_and_normalise_in_either_layout() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 5, 3), dtype=np.uint8)
+    batch = transforms.empty_batch(2, 5)
+    for slot, image in zip(batch, pixels, strict=True):
+        transforms.write_image(slot, image)
+    assert torch.equal(batch, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (batch.double() / 255.0 - mean) / std
+    normalized = transforms.normalize_images(batch)
+    assert normalized.dtype == torch.float32 and normalized.is_contiguous()
+    assert torch.allclose(normalized.double(), expected, atol=1e-5)
+    # The model's memory format is the caller's choice; the values do not depend on it.
+    channels_last = transforms.normalize_images(batch, torch.channels_last)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(channels_last, normalized)
