@@ -56,6 +56,24 @@ def test_fixed_length_ids_and_mask(tokenizer: PreTrainedTokenizerBase) -> None:
     assert (ids[len(expected) :] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.parametrize("context_length", [3, 16, 77])
+def test_batch_ids_and_mask_equal_the_hugging_face_call(
+    tokenizer: PreTrainedTokenizerBase, context_length: int
+) -> None:
+    # CaptionTokenizer encodes with its own copy of the Rust tokenizer and pads in numpy;
+    # the result must be what the HF call gives, whatever the caption holds.
+    captions = [*CAPTIONS, "lung " * 60, "   ", "[PAD] [MASK] x [SEP]", "Café naïve 10μm 🙂\t日本"]
+    ours = CaptionTokenizer(tokenizer, context_length).batch(
+        captions, [np.random.default_rng(0)] * len(captions)
+    )
+    reference = tokenizer(
+        captions, max_length=context_length, truncation=True, padding="max_length"
+    )
+    assert torch.equal(ours["input_ids"], torch.tensor(reference["input_ids"]))
+    assert torch.equal(ours["attention_mask"], torch.tensor(reference["attention_mask"]))
+    assert ours["input_ids"].dtype == ours["attention_mask"].dtype == torch.int64
+
+
 def test_long_caption_is_truncated_and_ends_with_sep(tokenizer: PreTrainedTokenizerBase) -> None:
     caption_tokenizer = CaptionTokenizer(tokenizer, context_length=16)
     sample = caption_tokenizer(" ".join(WORDS), np.random.default_rng(0))
