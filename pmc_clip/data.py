@@ -593,12 +593,25 @@ class StreamSpec:
 class ShardStream(IterableDataset):
     """One rank's stream; each DataLoader worker iterates its own part of it."""
 
-    def __init__(self, spec: StreamSpec, buffers: BatchBufferPool | None = None) -> None:
+    def __init__(
+        self,
+        spec: StreamSpec,
+        buffers: BatchBufferPool | None = None,
+        position: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.buffers = buffers  # for DataLoader workers
+        # Shared int64 [epoch, start_step], set by the loader before each pass: persistent
+        # workers outlive the epoch their copy of `spec` was made for.
+        self.position = position
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.position is not None:
+            epoch, start_step = self.position.tolist()
+            # This process's copy of the stream (a worker's own, or the loader's with no
+            # workers): the rest of the pass reads self.spec.
+            self.spec = dataclasses.replace(self.spec, epoch=epoch, start_step=start_step)
         spec = self.spec
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -778,36 +791,55 @@ class ThroughputMeter:
 
 
 class _Loader:
-    """Iterates one epoch of a rank's stream through a DataLoader and meters it."""
+    """Iterates one epoch of a rank's stream through a DataLoader and meters it.
+
+    With `persistent_workers` the DataLoader's worker processes (and their pooled image
+    buffers, tokenizer and warm heaps) serve epoch after epoch: starting a worker costs
+    ~50 ms of CPU (fork, fresh shared buffers, first-touch page faults), and at 64 GPUs x 8
+    workers a worker's share of a PMC-OA epoch is only ~3,000 samples. They are kept only
+    after a complete pass; a pass the consumer left early (a resume, a stop) takes the
+    DataLoader with it, and the next pass starts fresh workers.
+    """
+
+    persistent_workers = False
 
     def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
         self.step = spec.start_step
         self.meter = ThroughputMeter()
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # (DataLoader, its workers' buffer pool), kept between complete passes.
+        self._dataloader: tuple[DataLoader[dict[str, Any]], BatchBufferPool | None] | None = None
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        spec = dataclasses.replace(self.spec, start_step=self.step)
-        if spec.plan is not None and self.step >= spec.plan.num_batches:
-            return  # epoch already complete
-        self.meter.worker_counters = {}
-        num_workers = spec.config.num_workers
+    def _new_dataloader(self) -> tuple[DataLoader[dict[str, Any]], BatchBufferPool | None]:
+        config = self.spec.config
+        num_workers = config.num_workers
         buffers = (
-            BatchBufferPool(num_workers, spec.config.prefetch_factor + POOL_SLOTS_BEYOND_PREFETCH)
+            BatchBufferPool(num_workers, config.prefetch_factor + POOL_SLOTS_BEYOND_PREFETCH)
             if num_workers
             else None
         )
         loader = DataLoader(
-            ShardStream(spec, buffers),
+            ShardStream(self.spec, buffers, self._position),
             batch_size=None,  # batches are made inside the workers
             num_workers=num_workers,
-            pin_memory=spec.config.pin_memory and torch.cuda.is_available(),
-            prefetch_factor=spec.config.prefetch_factor if num_workers else None,
-            persistent_workers=False,
+            pin_memory=config.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=config.prefetch_factor if num_workers else None,
+            persistent_workers=self.persistent_workers and num_workers > 0,
             # Every random choice in the stream is seeded explicitly; a private generator
             # keeps the DataLoader from drawing its base seed from the global torch RNG,
             # which the trainer restores on resume for dropout (bit-identical resumes).
             generator=torch.Generator(),
         )
+        return loader, buffers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.spec.plan is not None and self.step >= self.spec.plan.num_batches:
+            return  # epoch already complete
+        self.meter.worker_counters = {}
+        # Read by every worker when its pass begins (after iter() below).
+        self._position.copy_(torch.tensor([self.spec.epoch, self.step]))
+        (loader, buffers), self._dataloader = self._dataloader or self._new_dataloader(), None
         iterator = iter(loader)
         while True:
             wait_start = time.perf_counter()
@@ -824,14 +856,21 @@ class _Loader:
             self.meter.update(len(batch["keys"]), time.perf_counter() - wait_start, stats)
             self.step += 1
             yield batch
+        if self.persistent_workers:
+            # A complete pass: every worker ended its part, no batch is in flight, and each
+            # delivered one went through release_when_unused. Ready for the next epoch.
+            self._dataloader = loader, buffers
 
 
 class TrainLoader(_Loader):
     """A rank's training loader: `len()` batches per epoch, the same on every rank.
 
     Resumable: `state_dict()` is the position (epoch, batches delivered this epoch);
-    `load_state_dict()` continues there with the identical stream.
+    `load_state_dict()` continues there with the identical stream. Its workers persist
+    from one complete epoch to the next.
     """
+
+    persistent_workers = True
 
     @property
     def plan(self) -> EpochPlan:

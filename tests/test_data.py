@@ -34,6 +34,7 @@ from pmc_clip import transforms
 from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
 from pmc_clip.data import (
     POOL_SLOTS_BEYOND_PREFETCH,
+    TrainLoader,
     build_eval_loader,
     build_train_loader,
     expand_spec,
@@ -193,6 +194,44 @@ def test_resampled_streams_are_seeded(even: Shards, tokenizer: CaptionTokenizer)
     assert keys_of(first[0]) != keys_of(first[1])
     next_epoch = run_ranks(cfg, tokenizer, world_size=2, seed=7, epoch=1)
     assert keys_of(next_epoch[0]) != keys_of(first[0])
+
+
+def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
+    even: Shards, tokenizer: CaptionTokenizer
+) -> None:
+    def copies(loader: TrainLoader) -> list[dict[str, Any]]:
+        # Each batch copied and let go at once: its pooled buffer goes back to its worker.
+        out = []
+        with deadline(60):
+            for batch in loader:
+                out.append(
+                    {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                )
+        return out
+
+    cfg = data_config(even.pattern)
+    loader = build_train_loader(cfg, tokenizer, 0, 2, seed=1)
+    first = copies(loader)
+    assert loader.meter.totals()["batch_buffers_allocated"] > 0
+    loader.set_epoch(1)
+    # Epoch 1 from the same (persistent) workers: its own stream, not epoch 0's again, and
+    # no new image buffers (the workers and their pool lived on).
+    second = copies(loader)
+    assert loader.meter.totals()["batch_buffers_allocated"] == 0
+    fresh = collect(build_train_loader(cfg, tokenizer, 0, 2, seed=1, epoch=1))
+    assert same_batches(second, fresh)
+    assert keys_of(second) != keys_of(first)
+    # A pass left early is continued by new workers from where it stopped.
+    loader.set_epoch(2)
+    head = []
+    with deadline(60):
+        for batch in loader:
+            head.append(batch)
+            if len(head) == 3:
+                break
+    rest = collect(loader)
+    assert loader.meter.totals()["samples_resume_skipped"] == 3 * 8
+    assert same_batches(head + rest, collect(build_train_loader(cfg, tokenizer, 0, 2, 1, 2)))
 
 
 @pytest.mark.parametrize("resampled", [False, True])
