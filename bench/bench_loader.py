@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench_loader.py --openclip-python .venv-bench/bin/python
 
-Prints samples/s of one training epoch over the same shards, all with the same number of
-worker processes, batch size and image size:
+Prints samples/s of --epochs training epochs (3) over the same shards, each contender with
+one loader (worker pool) for the run, as training uses one for all its epochs; all with the
+same number of worker processes, batch size and image size:
 
   limit    a pure decode + RandomResizedCrop loop over the same tar bytes: worker
            processes each read whole shards with `tarfile` and run exactly our per-image
@@ -20,8 +21,9 @@ worker processes, batch size and image size:
 
 `--breakdown` prints the milliseconds per sample of each of our stages in one process.
 
-Each figure is the best of --repeats epochs (contenders interleaved), wall time from
-creating the iterator to the last batch (worker start-up included for every contender).
+Each figure is the best of --repeats runs (contenders interleaved), wall time from
+creating the iterator to the last batch of the last epoch (worker start-up included once
+per run for every contender: the limit's pool, our persistent workers, OpenCLIP's).
 CPU ms per delivered sample (this process plus its reaped workers) is printed too; the
 ratios by CPU are given as a ratio of minima and as the median of the ratios within each
 repeat.
@@ -35,6 +37,7 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import resource
 import socket
@@ -115,14 +118,15 @@ def _decode_shard(args: tuple[str, int, tuple[float, float]]) -> int:
 
 
 def run_limit(
-    pattern: str, workers: int, image_size: int, crop_scale: tuple[float, float]
+    pattern: str, workers: int, image_size: int, crop_scale: tuple[float, float], epochs: int
 ) -> tuple[int, float]:
     import braceexpand
 
     paths = list(braceexpand.braceexpand(pattern))
     start = time.perf_counter()
     with get_context("fork").Pool(workers) as pool:
-        count = sum(pool.map(_decode_shard, [(p, image_size, crop_scale) for p in paths], 1))
+        tasks = [(p, image_size, crop_scale) for p in paths]
+        count = sum(sum(pool.map(_decode_shard, tasks, 1)) for _ in range(epochs))
     return count, time.perf_counter() - start
 
 
@@ -152,9 +156,15 @@ def run_ours(
     )
     loader = build_train_loader(config, tokenizer, rank=0, world_size=1, seed=0)
     start = time.perf_counter()
-    # Every worker delivers whole batches (EpochPlan): 2,944 of the 3,000 samples per epoch.
-    count = sum(len(batch["keys"]) for batch in loader)
-    return count, time.perf_counter() - start
+    count = 0
+    for epoch in range(args.epochs):  # as the trainer does: one loader, set_epoch
+        loader.set_epoch(epoch)
+        # Every worker delivers whole batches (EpochPlan): 2,944 of 3,000 samples an epoch.
+        count += sum(len(batch["keys"]) for batch in loader)
+    seconds = time.perf_counter() - start
+    del loader  # shuts its persistent workers down and reaps them: their CPU is counted
+    assert not multiprocessing.active_children(), "workers left running"
+    return count, seconds
 
 
 @contextlib.contextmanager
@@ -194,7 +204,7 @@ import sys, time, types
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import AugmentationCfg, image_transform
 from open_clip_train.data import get_wds_dataset
-pattern, tokenizer_dir, workers, batch, size, scale_min, scale_max, num, repeats = sys.argv[1:]
+pattern, tokenizer_dir, workers, batch, size, scale_min, scale_max, num, epochs = sys.argv[1:]
 args = types.SimpleNamespace(
     train_data=pattern, train_data_upsampling_factors=None, dataset_resampled=False,
     train_num_samples=int(num), val_num_samples=None, seed=0, batch_size=int(batch),
@@ -203,13 +213,13 @@ args = types.SimpleNamespace(
 preprocess = image_transform(int(size), is_train=True,
                              aug_cfg=AugmentationCfg(scale=(float(scale_min), float(scale_max))))
 tokenizer = HFTokenizer(tokenizer_dir, context_length=77)
-best = 0.0
-for epoch in range(int(repeats)):
-    data = get_wds_dataset(args, preprocess, is_train=True, epoch=epoch, tokenizer=tokenizer)
-    start = time.perf_counter()
-    count = sum(images.shape[0] for images, texts in data.dataloader)
-    best = max(best, count / (time.perf_counter() - start))
-print(best)
+data = get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenizer)
+start = time.perf_counter()
+count = 0
+for epoch in range(int(epochs)):  # as open_clip_train does: one loader, set_epoch
+    data.set_epoch(epoch)
+    count += sum(images.shape[0] for images, texts in data.dataloader)
+print(count, time.perf_counter() - start)
 """
 
 
@@ -219,13 +229,13 @@ def run_openclip(
     command = [
         python, "-c", _OPENCLIP_SCRIPT, pattern, str(tokenizer_dir), str(args.workers),
         str(args.batch_size), str(args.image_size), str(args.crop_scale[0]),
-        str(args.crop_scale[1]), str(num_samples), "1",
+        str(args.crop_scale[1]), str(num_samples), str(args.epochs),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"OpenCLIP run failed:\n{result.stderr[-3000:]}")
-    samples_per_second = float(result.stdout.strip().splitlines()[-1])
-    return num_samples, num_samples / samples_per_second
+    count, seconds = result.stdout.strip().splitlines()[-1].split()
+    return int(count), float(seconds)
 
 
 # --------------------------------------------------------------------------- breakdown
@@ -300,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs per run, one loader (worker pool) each"
+    )
     parser.add_argument("--mlm-probability", type=float, default=0.15, help="ours only")
     parser.add_argument("--openclip-python", default=None, help="python of the bench venv")
     parser.add_argument(
@@ -318,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{num_samples} samples in {num_shards} shards, {args.workers} workers, "
         f"batch {args.batch_size}, {args.image_size} px, crop scale {tuple(args.crop_scale)}, "
-        f"MLM {args.mlm_probability} (ours), best of {args.repeats}, "
+        f"MLM {args.mlm_probability} (ours), {args.epochs} epochs a run, best of {args.repeats}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     contenders: dict[str, Callable[[], tuple[int, float]]] = {}  # -> (samples, seconds)
     crop_scale = (args.crop_scale[0], args.crop_scale[1])
     if "limit" not in args.skip:
-        contenders["limit"] = lambda: run_limit(pattern, args.workers, args.image_size, crop_scale)
+        contenders["limit"] = lambda: run_limit(
+            pattern, args.workers, args.image_size, crop_scale, args.epochs
+        )
     mlm = args.mlm_probability
     if "ours" not in args.skip:
         contenders["ours"] = lambda: run_ours(pattern, tokenizer_dir, args, mlm)
