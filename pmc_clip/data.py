@@ -602,6 +602,9 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec = spec
         self.buffers = buffers  # for DataLoader workers
+        # Each reading process makes its own on first use (see ShardFilesystems), and a
+        # persistent worker keeps them for its later epochs.
+        self.filesystems = storage.ShardFilesystems(spec.read_options)
         # Shared int64 [epoch, start_step], set by the loader before each pass: persistent
         # workers outlive the epoch their copy of `spec` was made for.
         self.position = position
@@ -621,7 +624,7 @@ class ShardStream(IterableDataset):
         worker = (loader_worker + spec.start_step) % num_workers
         counters = WorkerCounters(worker=worker)
         # Filesystems are created lazily in this process (s3fs is not fork-safe).
-        storage.register_webdataset_opener(spec.read_options, counters.read)
+        storage.register_webdataset_opener(self.filesystems, counters.read)
         if spec.train:
             samples = self._train_samples(worker, counters)
         else:

@@ -343,7 +343,9 @@ class ShardFilesystems:
     """The fsspec filesystems one data stream reads shards with, created on first use in
     the process that reads (a filesystem inherited through fork -- s3fs holds an event
     loop and open sockets -- is never used) and not shared with fsspec's instance cache,
-    so endpoint and credentials come from the environment at the stream's start."""
+    so endpoint and credentials come from that process's environment. A persistent
+    data-loader worker keeps its filesystems from epoch to epoch: building an s3fs client
+    (botocore's service models, a session) costs 70-200 ms of CPU."""
 
     def __init__(self, options: ShardReadOptions) -> None:
         self.options = options
@@ -527,15 +529,13 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
         raise
 
 
-def register_webdataset_opener(options: ShardReadOptions, counters: ShardReadCounters) -> None:
+def register_webdataset_opener(filesystems: ShardFilesystems, counters: ShardReadCounters) -> None:
     """Make webdataset's gopen (this process) read every URL scheme it does not handle
     itself through fsspec, and s3://, gs://, http(s):// too (it has no s3 opener and
     shells out to gsutil and curl, without retries). Local paths and `pipe:` stay with
     webdataset. Call it where the
     stream starts (in the data-loader worker): filesystems are created from then on."""
     import webdataset as wds
-
-    filesystems = ShardFilesystems(options)
 
     def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
         if mode != "rb":
