@@ -458,13 +458,13 @@ class BatchBuilder:
     """Collects decoded samples into one batch dict: {images, keys, TOKENS_KEY}, the token
     tensors stacked (the loader unpacks them into input_ids, attention_mask, ...).
 
-    Each image is written into the batch's pixel buffer (`images`, uint8 [capacity, 3, H,
-    W]) as it arrives, so a sample's decoded pixels are freed (and their
-    pages reused by the next decode) at once instead of 64 of them living until the batch
-    is stacked: on this VM every fresh page faults at ~6 us. In a data-loader worker the
-    buffer is shared memory (`BatchBufferPool`), so the batch reaches the trainer's process
-    without the copy torch makes of a private tensor. Captions are tokenized (and
-    MLM-masked) in one call per batch.
+    Each image is written into the batch's pixel buffer (`images`, uint8 [capacity, 3, H, W])
+    as it arrives, so a sample's decoded pixels are freed (and their pages reused by the
+    next decode) at once instead of 64 of them living until the batch is stacked: on this
+    VM every fresh page faults at ~6 us. In a data-loader worker the buffer is shared
+    memory (`BatchBufferPool`), so the batch reaches the trainer's process without the copy
+    torch makes of a private tensor. Captions are tokenized (and MLM-masked) in one call
+    per batch.
     """
 
     def __init__(self, tokenizer: CaptionTokenizer, images: torch.Tensor) -> None:
@@ -499,8 +499,8 @@ class BatchBufferPool:
     """Shared-memory image buffers that data-loader workers reuse from batch to batch.
 
     A fresh shared buffer per batch costs the worker a page fault (and the kernel a zeroed
-    page) per 4 KiB: ~0.2 ms per sample for (uint8) 224 px batches on the VM of
-    bench/RESULTS.md, a tenth of a sample's decode. A worker takes a free slot
+    page) per 4 KiB: ~0.2 ms per sample for 224 px batches on the VM of bench/RESULTS.md,
+    about a tenth of a sample's decode. A worker takes a free slot
     (allocating its buffer on first use); the trainer's process marks the slot free again
     once nothing there holds the batch's images: at once when the pin-memory thread has
     copied them, otherwise when the last tensor on the buffer is garbage-collected (views
