@@ -360,9 +360,28 @@ def _stream_error_handler(counters: WorkerCounters) -> Callable[[BaseException],
     return handler
 
 
-def shard_urls(urls: Iterable[str]) -> Callable[[], Iterator[dict[str, str]]]:
-    """The pipeline's source: the worker's shards, in order (lazy: resampled draws)."""
-    return lambda: ({"url": url} for url in urls)
+def shard_urls(
+    urls: Iterable[str], opener: storage.ShardOpener | None = None
+) -> Callable[[], Iterator[dict[str, str]]]:
+    """The pipeline's source: the worker's shards, in order (lazy: resampled draws). With
+    an opener, each shard is opened ahead while the one before it is read."""
+    if opener is None:
+        return lambda: ({"url": url} for url in urls)
+
+    def source() -> Iterator[dict[str, str]]:
+        upcoming = iter(urls)
+        url = next(upcoming, None)
+        try:
+            while url is not None:
+                following = next(upcoming, None)
+                if following is not None:
+                    opener.open_ahead(following)
+                yield {"url": url}  # webdataset opens it (opener.open) and reads it
+                url = following
+        finally:
+            opener.discard_ahead()
+
+    return source
 
 
 def check_shard_counts(
@@ -624,11 +643,11 @@ class ShardStream(IterableDataset):
         worker = (loader_worker + spec.start_step) % num_workers
         counters = WorkerCounters(worker=worker)
         # Filesystems are created lazily in this process (s3fs is not fork-safe).
-        storage.register_webdataset_opener(self.filesystems, counters.read)
+        opener = storage.register_webdataset_opener(self.filesystems, counters.read)
         if spec.train:
-            samples = self._train_samples(worker, counters)
+            samples = self._train_samples(worker, counters, opener)
         else:
-            samples = self._eval_samples(worker, num_workers, counters)
+            samples = self._eval_samples(worker, num_workers, counters, opener)
         if info is not None:
             # One tokenizer thread per worker: the workers already occupy the cores, and a
             # Rust thread pool per worker would oversubscribe them (an explicit setting
@@ -669,7 +688,12 @@ class ShardStream(IterableDataset):
             yield builder.build(), slot
 
     def _pipeline(
-        self, urls: Iterable[str], worker: int, rep: int, counters: WorkerCounters
+        self,
+        urls: Iterable[str],
+        worker: int,
+        rep: int,
+        counters: WorkerCounters,
+        opener: storage.ShardOpener,
     ) -> wds.DataPipeline:
         spec = self.spec
         processor = SampleProcessor(
@@ -680,7 +704,7 @@ class ShardStream(IterableDataset):
         )
         handler = _stream_error_handler(counters)
         stages: list[Any] = [
-            shard_urls(urls),
+            shard_urls(urls, opener),
             wds.tarfile_to_samples(handler=handler),
             check_shard_counts(spec.dataset.shard_size, counters),
             keep_known_members,
@@ -696,7 +720,9 @@ class ShardStream(IterableDataset):
         stages.append(lambda src: decode_and_transform(src, processor, rep, counters))
         return wds.DataPipeline(*stages)
 
-    def _train_samples(self, worker: int, counters: WorkerCounters) -> Iterator[dict[str, Any]]:
+    def _train_samples(
+        self, worker: int, counters: WorkerCounters, opener: storage.ShardOpener
+    ) -> Iterator[dict[str, Any]]:
         """Exactly the worker's quota of samples, minus those a resume skips."""
         spec = self.spec
         assert spec.plan is not None
@@ -724,7 +750,7 @@ class ShardStream(IterableDataset):
                 )
             counters.passes += 1
             yielded_in_pass = 0
-            for sample in self._pipeline(rep_urls, worker, rep, counters):
+            for sample in self._pipeline(rep_urls, worker, rep, counters, opener):
                 yielded_in_pass += 1
                 num_yielded += 1
                 if num_yielded > skip:
@@ -741,12 +767,16 @@ class ShardStream(IterableDataset):
                 )
 
     def _eval_samples(
-        self, worker: int, num_workers: int, counters: WorkerCounters
+        self,
+        worker: int,
+        num_workers: int,
+        counters: WorkerCounters,
+        opener: storage.ShardOpener,
     ) -> Iterator[dict[str, Any]]:
         spec = self.spec
         rank_urls = spec.dataset.urls[spec.rank :: spec.world_size]
         counters.passes += 1
-        yield from self._pipeline(rank_urls[worker::num_workers], worker, 0, counters)
+        yield from self._pipeline(rank_urls[worker::num_workers], worker, 0, counters, opener)
 
 
 # --------------------------------------------------------------------------- main process

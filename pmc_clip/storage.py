@@ -8,6 +8,7 @@ renamed; and URLs are redacted before they reach a log, a manifest or an error m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,10 +19,10 @@ import random
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -160,7 +161,7 @@ def remove_stale_staging_files(fs: fsspec.AbstractFileSystem, folder: str) -> No
             fs.rm_file(path)
 
 
-@contextmanager
+@contextlib.contextmanager
 def local_staging_file(
     fs: fsspec.AbstractFileSystem, dest: str, retry: RetryPolicy | None = None
 ) -> Iterator[str]:
@@ -350,12 +351,18 @@ class ShardFilesystems:
     def __init__(self, options: ShardReadOptions) -> None:
         self.options = options
         self._by_protocol: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+        self._lock = threading.Lock()  # a ShardOpener opens ahead from a second thread
 
     def get(self, protocol: str) -> fsspec.AbstractFileSystem:
         key = (os.getpid(), protocol)
-        if key not in self._by_protocol:
-            self._by_protocol[key] = _new_filesystem(protocol, self.options)
-        return self._by_protocol[key]
+        with self._lock:
+            if key not in self._by_protocol:
+                self._by_protocol[key] = _new_filesystem(protocol, self.options)
+            return self._by_protocol[key]
+
+    def __reduce__(self) -> tuple[type[ShardFilesystems], tuple[ShardReadOptions]]:
+        # Pickled (into spawned workers) as its options: no filesystem or lock travels.
+        return ShardFilesystems, (self.options,)
 
 
 def _new_filesystem(protocol: str, options: ShardReadOptions) -> fsspec.AbstractFileSystem:
@@ -529,18 +536,66 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
         raise
 
 
-def register_webdataset_opener(filesystems: ShardFilesystems, counters: ShardReadCounters) -> None:
+class ShardOpener:
+    """Opens a data stream's shards (`open_shard`) and, asked to, the next remote one ahead
+    of time in a background thread, so a worker does not stall at every shard boundary
+    while the first range arrives: on S3 a stat plus a first 16 MiB range is ~0.1-0.3 s,
+    against ~2 s of decoding for a 1,000-sample shard. Errors of an open ahead surface
+    when the shard is opened, exactly as if it had been opened then. Costs one more
+    chunk buffer per worker. Local paths and `pipe:` are opened when asked, never ahead."""
+
+    def __init__(self, filesystems: ShardFilesystems, counters: ShardReadCounters) -> None:
+        self.filesystems, self.counters = filesystems, counters
+        self._ahead: list[tuple[str, Future[IO[bytes]]]] = []  # in the order asked
+        self._executor: ThreadPoolExecutor | None = None
+
+    def open(self, url: str) -> IO[bytes]:
+        if self._ahead and self._ahead[0][0] == url:
+            return self._ahead.pop(0)[1].result()
+        return open_shard(url, self.filesystems, self.counters)
+
+    def open_ahead(self, url: str) -> None:
+        if fsspec.core.split_protocol(url)[0] in (None, "file", "local", "pipe"):
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-ahead")
+        future = self._executor.submit(open_shard, url, self.filesystems, self.counters)
+        self._ahead.append((url, future))
+
+    def discard_ahead(self) -> None:
+        """Close what was opened ahead and never asked for (a pass that ended early), once
+        it is open: nothing here waits for a request still being retried."""
+        for _, future in self._ahead:
+            if not future.cancel():
+                future.add_done_callback(_close_opened)
+        self._ahead.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+
+def _close_opened(future: Future[IO[bytes]]) -> None:
+    if future.exception() is None:  # a failure of an unwanted shard was never an error
+        future.result().close()
+
+
+def register_webdataset_opener(
+    filesystems: ShardFilesystems, counters: ShardReadCounters
+) -> ShardOpener:
     """Make webdataset's gopen (this process) read every URL scheme it does not handle
     itself through fsspec, and s3://, gs://, http(s):// too (it has no s3 opener and
     shells out to gsutil and curl, without retries). Local paths and `pipe:` stay with
-    webdataset. Call it where the
-    stream starts (in the data-loader worker): filesystems are created from then on."""
+    webdataset. Call it where the stream starts (in the data-loader worker): filesystems
+    are created from then on. The returned opener can open shards ahead."""
     import webdataset as wds
+
+    opener = ShardOpener(filesystems, counters)
 
     def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
         if mode != "rb":
             raise ValueError(f"{redact_url(url)}: shards are opened read-only, got mode {mode}")
-        return open_shard(url, filesystems, counters)
+        return opener.open(url)
 
     for scheme in ("__default__", "s3", "s3a", "gs", "gcs", "http", "https"):
         wds.gopen_schemes[scheme] = gopen_fsspec
+    return opener

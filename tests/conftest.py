@@ -89,6 +89,7 @@ class FaultProxy:
         self.stall_seconds = 2.0
         self.num_tar_gets = 0
         self.faults: dict[str, int] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, object path), as they arrive
         self._lock = threading.Lock()
         upstream_host = urlsplit(upstream).netloc
         proxy = self
@@ -100,6 +101,8 @@ class FaultProxy:
                 pass
 
             def _forward(self) -> None:
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path.split("?", 1)[0]))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 action = proxy._action(self.command, self.path)
                 if action == "reset":

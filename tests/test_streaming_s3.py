@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,34 @@ def test_s3_faults_are_retried_and_every_sample_arrives_once(
     num_resets = fault_proxy.faults["reset"]
     assert num_faults - num_resets <= totals["shard_retries"] <= num_faults
     assert totals["shard_shards_failed"] == totals["stream_errors"] == 0
+
+
+def test_the_next_s3_shard_is_opened_while_the_current_one_is_read(
+    figures: tuple[str, str],
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    tokenizer: CaptionTokenizer,
+) -> None:
+    pattern, keys = s3_shards(figures, s3_bucket)
+    # One reader in this process, unshuffled: batch k holds shard k's 8 samples, and the
+    # pipeline runs only when the next batch is asked for.
+    cfg = data_config(None, val_data=pattern, num_workers=0, val_batch_size=8)
+    batches = iter(build_eval_loader(cfg, tokenizer, 0, 1))  # reads the manifest
+    fault_proxy.requests.clear()  # make_shards' uploads and the manifest read
+
+    def shards_requested() -> set[str]:
+        return {path.rsplit("/", 1)[-1] for _, path in fault_proxy.requests}
+
+    delivered = keys_of([next(batches)])
+    # Shard 0 is read (webdataset marks a shard's end: its last sample needs nothing of
+    # shard 1). Shard 1 was opened ahead meanwhile, with nobody asking for it yet.
+    deadline_seconds = time.monotonic() + 10
+    while len(shards_requested()) < 2 and time.monotonic() < deadline_seconds:
+        time.sleep(0.01)
+    assert shards_requested() == {"pmc-oa-train-000000.tar", "pmc-oa-train-000001.tar"}
+    delivered += keys_of(list(batches))
+    assert len(delivered) == len(set(delivered)) == 64 and set(delivered) == keys
+    assert len(shards_requested()) == 8
 
 
 def test_s3_unreadable_shard_is_skipped_counted_and_redacted(
