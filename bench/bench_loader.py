@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{num_samples} samples in {num_shards} shards, {args.workers} workers, "
         f"batch {args.batch_size}, {args.image_size} px, crop scale {tuple(args.crop_scale)}, "
-        f"MLM {args.mlm_probability} (ours), {args.epochs} epochs a run, best of {args.repeats}, "
+        f"MLM {args.mlm_probability} (ours), epochs a run: {args.epochs}, best of {args.repeats}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     contenders: dict[str, Callable[[], tuple[int, float]]] = {}  # -> (samples, seconds)
