@@ -104,6 +104,17 @@ def test_mlm_needs_a_mask_token(tokenizer_dir: Path) -> None:
         CaptionTokenizer(no_mask, mlm_probability=0.15)
 
 
+def test_a_slow_tokenizer_is_refused(tokenizer_dir: Path) -> None:
+    import transformers
+
+    # transformers' pure-Python BERT tokenizer: BertTokenizerLegacy in 5.x, BertTokenizer in 4.x
+    slow_class = getattr(transformers, "BertTokenizerLegacy", transformers.BertTokenizer)
+    slow = slow_class(vocab_file=str(tokenizer_dir / "vocab.txt"))
+    assert not slow.is_fast
+    with pytest.raises(ValueError, match=r"slow .* AutoTokenizer"):
+        CaptionTokenizer(slow)
+
+
 def test_masking_is_reproducible_from_the_generator(tokenizer: PreTrainedTokenizerBase) -> None:
     caption_tokenizer = CaptionTokenizer(tokenizer, mlm_probability=0.3)
 
