@@ -889,6 +889,9 @@ class _Loader:
             self.meter.update(len(batch["keys"]), time.perf_counter() - wait_start, stats)
             self.step += 1
             yield batch
+            # Only the consumer holds it now: its buffer goes back to the pool as soon as
+            # the consumer lets go, not when the next batch has arrived.
+            del batch
         if self.persistent_workers:
             # A complete pass: every worker ended its part, no batch is in flight, and each
             # delivered one went through release_when_unused. Ready for the next epoch.

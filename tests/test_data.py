@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import multiprocessing
 import pickle
 import tarfile
 from pathlib import Path
@@ -34,7 +35,6 @@ from pmc_clip import transforms
 from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
 from pmc_clip.data import (
     POOL_SLOTS_BEYOND_PREFETCH,
-    TrainLoader,
     build_eval_loader,
     build_train_loader,
     expand_spec,
@@ -199,29 +199,25 @@ def test_resampled_streams_are_seeded(even: Shards, tokenizer: CaptionTokenizer)
 def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
     even: Shards, tokenizer: CaptionTokenizer
 ) -> None:
-    def copies(loader: TrainLoader) -> list[dict[str, Any]]:
-        # Each batch copied and let go at once: its pooled buffer goes back to its worker.
-        out = []
-        with deadline(60):
-            for batch in loader:
-                out.append(
-                    {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                )
-        return out
+    others = {process.pid for process in multiprocessing.active_children()}
+
+    def worker_pids() -> set[int | None]:
+        return {process.pid for process in multiprocessing.active_children()} - others
 
     cfg = data_config(even.pattern)
     loader = build_train_loader(cfg, tokenizer, 0, 2, seed=1)
-    first = copies(loader)
-    assert loader.meter.totals()["batch_buffers_allocated"] > 0
+    first = collect(loader)
+    workers = worker_pids()
+    assert len(workers) == 2  # alive after their epoch
     loader.set_epoch(1)
-    # Epoch 1 from the same (persistent) workers: its own stream, not epoch 0's again, and
-    # no new image buffers (the workers and their pool lived on).
-    second = copies(loader)
-    assert loader.meter.totals()["batch_buffers_allocated"] == 0
+    # Epoch 1 from the same processes, yet its own stream (not epoch 0's again): exactly
+    # a fresh loader's epoch 1.
+    second = collect(loader)
+    assert worker_pids() == workers
     fresh = collect(build_train_loader(cfg, tokenizer, 0, 2, seed=1, epoch=1))
     assert same_batches(second, fresh)
     assert keys_of(second) != keys_of(first)
-    # A pass left early is continued by new workers from where it stopped.
+    # A pass left early takes its workers along; new ones continue where it stopped.
     loader.set_epoch(2)
     head = []
     with deadline(60):
@@ -230,6 +226,7 @@ def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
             if len(head) == 3:
                 break
     rest = collect(loader)
+    assert len(worker_pids()) == 2 and not worker_pids() & workers
     assert loader.meter.totals()["samples_resume_skipped"] == 3 * 8
     assert same_batches(head + rest, collect(build_train_loader(cfg, tokenizer, 0, 2, 1, 2)))
 
