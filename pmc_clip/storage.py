@@ -230,6 +230,7 @@ _PERMANENT_ERRORS = (
     NotImplementedError,
 )
 _S3_PROTOCOLS = ("s3", "s3a")
+_LOCAL_PROTOCOLS = (None, "file", "local")  # what open_shard opens as a plain file
 
 
 def retry_call(
@@ -516,7 +517,7 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
     """Open a shard for a sequential read: local path, `pipe:` command or fsspec URL."""
     counters.shards_opened += 1
     protocol = fsspec.core.split_protocol(url)[0]
-    if protocol in (None, "file", "local"):
+    if protocol in _LOCAL_PROTOCOLS:
         path = fsspec.core.strip_protocol(url) if protocol else url
         try:
             return open(path, "rb", buffering=1 << 20)
@@ -556,7 +557,8 @@ class ShardOpener:
         return open_shard(url, self.filesystems, self.counters)
 
     def open_ahead(self, url: str) -> None:
-        if fsspec.core.split_protocol(url)[0] in (None, "file", "local", "pipe"):
+        protocol = fsspec.core.split_protocol(url)[0]
+        if protocol in _LOCAL_PROTOCOLS or protocol == "pipe":
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-ahead")
