@@ -33,6 +33,7 @@ every stream's shuffled order, a different set every epoch (rotated, never starv
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,7 @@ class Placement:
         bounds.append(int(starts[-1]))
         self.num_samples = int(starts[-1])
         self.pieces: list[np.ndarray] = []  # per stream: int64 [n, 3] (shard, first, stop)
-        for low, high in zip(bounds[:-1], bounds[1:], strict=True):
+        for low, high in itertools.pairwise(bounds):
             # Placed shards overlapping [low, high), clipped to it.
             first_i = int(np.searchsorted(starts, low, side="right")) - 1
             last_i = int(np.searchsorted(starts, high, side="left"))

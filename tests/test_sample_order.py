@@ -44,7 +44,7 @@ def play(
     global_batch = world_size * batch_size
     num_steps = epoch_order.num_steps(global_batch, consumed) if steps is None else steps
     seen = []
-    for step in range(num_steps):
+    for _step in range(num_steps):
         for rank in range(world_size):
             runs = epoch_order.rank_runs(consumed, global_batch, rank, batch_size)
             assert sum(run.num_samples for run in runs) == batch_size
