@@ -305,3 +305,45 @@ def test_cache_names_are_short_and_safe() -> None:
     assert cache_name("s3://bucket/folder/").endswith("-file")
     long = cache_name("s3://bucket/" + "y" * 500 + ".tar")
     assert len(long) <= 117 and long.endswith("y.tar")
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_child_forked_during_a_download_does_not_hold_its_lock(tmp_path: Path) -> None:
+    """A data-loader worker forked while a thread of its parent downloads must not keep the
+    file's lock (and every other opener of that file waiting) for its whole life."""
+    cache = ShardCache(str(tmp_path / "cache"), None)
+    url = "s3://bucket/shard-0.tar"
+    started, forked = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def fails_after_fork(tmp_path: str) -> None:
+        started.set()
+        forked.wait(DEADLINE_SECONDS)
+        raise ConnectionError("the store hung up")
+
+    def first_open() -> None:
+        try:
+            cache.open(url, SIZE, fails_after_fork)
+        except ConnectionError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=first_open)
+    thread.start()
+    assert started.wait(DEADLINE_SECONDS)
+    child = multiprocessing.get_context("fork").Process(target=_sleep, args=(DEADLINE_SECONDS,))
+    child.start()
+    try:
+        forked.set()
+        thread.join(DEADLINE_SECONDS)
+        assert len(errors) == 1
+        began = time.monotonic()
+        with cache.open(url, SIZE, _download(url)) as f:  # needs the lock the child inherited
+            assert f.read() == _payload(url)
+        assert time.monotonic() - began < DEADLINE_SECONDS / 2
+        assert child.is_alive()
+    finally:
+        child.kill()
+        child.join(DEADLINE_SECONDS)
