@@ -113,8 +113,9 @@ def check_cache_limit(limit_bytes: int | None, largest_file_bytes: int) -> None:
     largest shard, or index file, size): every open of that file would fail."""
     if limit_bytes is not None and largest_file_bytes > limit_bytes:
         raise ValueError(
-            f"cache limit {limit_bytes} bytes is smaller than one shard ({largest_file_bytes} "
-            f"bytes): it must be at least {largest_file_bytes} bytes, and to avoid "
+            f"cache limit (--cache-limit-bytes) {limit_bytes} bytes is smaller than one "
+            f"shard ({largest_file_bytes} bytes): it must be at least {largest_file_bytes} "
+            "bytes, and to avoid "
             "re-downloads every epoch, as large as this node's share of the shards plus "
             "their index files"
         )
