@@ -43,17 +43,22 @@ class DataConfig:
     pin_memory: bool = True
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area fraction (paper: 0.5)
-    # Shuffle buffer of undecoded samples per worker (memory: ~this many encoded figures).
-    shuffle_buffer_samples: int = 2_000
-    shuffle_initial_samples: int = 500
+    # Training sample order (pmc_clip/sample_order.py): runs of this many consecutive
+    # samples of a shard are shuffled every epoch; one run is one range request.
+    span_samples: int = 32
+    # Canonical nodes of the sample order; None: this run's node count (world size /
+    # ranks per node). The order of an epoch depends on it, never on the world size.
+    num_canonical_nodes: int | None = None
     # Streaming reads of fsspec shards: range requests of this size, one prefetched ahead.
     read_chunk_bytes: int = 16 * 1024 * 1024
     read_max_attempts: int = 6  # per request, then the shard is skipped with a warning
     read_backoff_seconds: float = 0.5  # first retry delay; doubles, with jitter
     read_backoff_max_seconds: float = 30.0
     read_timeout_seconds: float = 60.0  # a stalled connection counts as a transient error
-    # Local folder to copy fsspec shards into before reading them (None: stream them).
+    # Node-local folder that keeps a copy of every remote shard the node reads (shared
+    # by the node's ranks and workers); None: read remote shards by range requests.
     cache_dir: str | None = None
+    cache_limit_bytes: int | None = None  # None: unbounded; else least recently used evicted
     # --val-data may also be a CSV/JSONL table of (image path, caption) rows, as in the
     # original PMC-CLIP: its figures are under image_dir (folder, URL or images.zip).
     image_dir: str | None = None
@@ -79,8 +84,15 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.shuffle_buffer_samples < 1 or self.shuffle_initial_samples < 1:
-            raise ValueError("--shuffle-buffer-samples and its initial fill must be >= 1")
+        if self.span_samples < 1:
+            raise ValueError(f"--shuffle-span-samples must be >= 1, got {self.span_samples}")
+        if self.num_canonical_nodes is not None and self.num_canonical_nodes < 1:
+            raise ValueError(f"--num-canonical-nodes must be >= 1, got {self.num_canonical_nodes}")
+        if self.cache_limit_bytes is not None:
+            if self.cache_dir is None:
+                raise ValueError("--cache-limit-bytes needs --cache-dir")
+            if self.cache_limit_bytes < 1:
+                raise ValueError(f"--cache-limit-bytes must be >= 1, got {self.cache_limit_bytes}")
         if self.read_chunk_bytes < 1024:
             raise ValueError(f"--read-chunk-bytes must be >= 1024, got {self.read_chunk_bytes}")
         if self.read_max_attempts < 1:
@@ -96,7 +108,7 @@ class DataConfig:
             if not self.dataset_resampled:
                 raise ValueError(
                     "--train-data-upsampling-factors needs --dataset-resampled (without "
-                    "resampling every shard is read exactly once per epoch)"
+                    "resampling every sample is read exactly once per epoch)"
                 )
             num_sources = len(self.train_data.split("::")) if self.train_data else 0
             if len(factors) != num_sources:
@@ -305,8 +317,10 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--val-batch-size", "data", "val_batch_size", {"type": int}),
     ("--workers", "data", "num_workers", {"type": int}),
     ("--crop-scale", "data", "crop_scale", {"type": float, "nargs": 2}),
-    ("--shuffle-buffer-samples", "data", "shuffle_buffer_samples", {"type": int}),
+    ("--shuffle-span-samples", "data", "span_samples", {"type": int}),
+    ("--num-canonical-nodes", "data", "num_canonical_nodes", {"type": int}),
     ("--cache-dir", "data", "cache_dir", {}),
+    ("--cache-limit-bytes", "data", "cache_limit_bytes", {"type": int}),
     ("--image-dir|--image_dir", "data", "image_dir", {}),
     ("--csv-img-key", "data", "csv_img_key", {}),
     ("--csv-caption-key", "data", "csv_caption_key", {}),

@@ -1,51 +1,39 @@
-"""The streaming data pipeline: webdataset shards (local, s3:// or any fsspec URL, pipe:)
-into per-rank DataLoaders whose batches are dicts of tensors.
+"""The streaming data pipeline: webdataset shards (local, s3:// or any fsspec URL) into
+per-rank DataLoaders whose batches are dicts of tensors.
 
-    loader = build_train_loader(config.data, caption_tokenizer, rank, world_size, seed)
+    loader = build_train_loader(config.data, caption_tokenizer, rank, world_size, seed,
+                                ranks_per_node=local_world_size)
     loader.set_epoch(epoch)            # or loader.load_state_dict(saved) on resume
     for batch in loader:               # len(loader) batches, identical on every rank
         batch["images"], batch["input_ids"], batch["attention_mask"], batch["keys"]
     loader.meter.snapshot()            # samples/s, data-wait seconds, read/skip counters
 
-Inside every data-loader worker the stream is a webdataset DataPipeline of small stages:
+Training: sample-exact epochs (`sample_order`). An epoch is a seeded order of every
+training sample, fixed by (seed, epoch, canonical node count, span size) and independent
+of the world size and worker count; global step t takes the next batch_size x world_size
+samples of it and each rank its share. Every sample is seen once per epoch, at any ratio of
+readers to shards and with shards of any size; only a remainder smaller than one global
+batch waits, a different one every epoch. Every rank yields the same number of batches,
+each exactly batch_size samples. Inside every data-loader worker the stream is a list of
+small stages:
 
-    shard_urls -> tarfile_to_samples -> keep_known_members -> shuffle (undecoded)
-      -> decode_and_transform (image, caption -> tokens; bad samples counted and dropped)
-      -> [exactly N samples per worker, minus those a resume skips] -> batch
+    worker_step_runs (this worker's steps: steps w, w + num_workers, ... of the pass)
+      -> read_steps (runs of consecutive samples by byte range, read ahead: shard_runs)
+      -> decode_step (crop and MLM mask seeded by the sample's place in the order)
+      -> fill_step (exactly batch_size: a bad or unreadable sample is replaced by another
+         of its batch and counted as samples_substituted) -> batch
 
-Equal batch counts (a rank that yields one batch fewer hangs DDP in its next all-reduce):
-every worker of every rank yields exactly `num_batches_per_worker` full batches per epoch,
+The shards need their sample index (`shard_index`, written by make_shards; for shards from
+other tools `python tools/index_shards.py SPEC`); a shard without one is a start-up error.
+Resume: `state_dict()` is the epoch, the samples consumed and the order's parameters; a
+resumed loader continues that epoch at its own world size and worker count and reads
+nothing before the resume point.
 
-    num_batches_per_worker = num_samples // (batch_size * world_size * num_workers)
+Evaluation: every val shard once, split by rank then worker, in order (webdataset's tar
+reader over the shard opener of `storage`), the last batch partial:
 
-so a rank yields `num_workers * num_batches_per_worker` batches (the DataLoader takes one
-batch from each worker in turn). What that costs:
-- the remainder of that division (< batch_size * world_size * num_workers samples) is
-  not seen in that epoch; a different part each epoch, as the shard order is reshuffled;
-- shards are whole units, so without resampling a worker's shards hold more or fewer
-  samples than its quota. Extra samples are left for that epoch; a worker that runs short
-  (smaller shards, bad samples, shards skipped after read errors) reads its own shards
-  again (a new "pass", with new crops) until its quota is full. With make_shards' equal
-  shard sizes that affects at most the worker holding the last, smaller shard;
-- with resampling the quota is simply where each worker's infinite stream is cut.
-A worker whose shards yield no sample at all in a whole pass raises RuntimeError instead
-of spinning: nothing can fill its quota.
-
-Shard order: without resampling, the shard list is shuffled with (seed, epoch), identical
-on all ranks, then split by rank (`shards[rank::world_size]`) then by worker. Fewer shards
-than ranks x workers is a ValueError at start-up. With resampling (`dataset_resampled`)
-each worker draws shards with replacement, shard probability proportional to its
-source's upsampling factor, from a generator seeded with (seed, epoch, rank, worker).
-
-Determinism and resume: every random choice has an explicit seed (shard order, shuffle
-buffer, per-sample crop and MLM mask from (seed, epoch, pass, sample key)), so an epoch's
-stream is a function of the config. `load_state_dict({"epoch", "step", ...})` positions
-the loader at a step: worker w of the new loader plays the role of worker
-(w + step) % num_workers of the interrupted one (so the round-robin order lines up) and
-drops the samples it had already delivered, after decoding them (a bad sample must be
-recognised to be skipped the same way). A resumed epoch yields exactly the batches the
-interrupted run would have yielded from that step on; the skip costs a decode of the
-delivered part of the epoch, divided over all ranks and workers.
+    shard_urls -> tarfile_to_samples -> check_shard_counts -> keep_known_members
+      -> decode_and_transform -> batch
 
 Batches cross from a worker to the trainer's process in shared memory. Each worker reuses
 a small pool of image buffers (`BatchBufferPool`): a slot goes back to the worker once the
@@ -54,12 +42,13 @@ consumer may keep any batch as long as it likes; keeping many only costs fresh b
 (counted as `batch_buffers_allocated`).
 
 Security: only image members (jpg/jpeg/png/webp, opened with PIL restricted to those
-formats), `.txt` (strict UTF-8) and `.json` are kept; anything else in a shard (`.pyd`,
-`.pth`, `.npy`, ...) is dropped unread. Shard content is never unpickled.
+formats), `.txt` (strict UTF-8) and `.json` are decoded; anything else in a shard (`.pyd`,
+`.pth`, `.npy`, ...) is never decoded. Shard content is never unpickled.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -68,7 +57,6 @@ import json
 import logging
 import os
 import posixpath
-import random
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -82,8 +70,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pmc_clip import storage, transforms
+from pmc_clip import shard_index, storage, transforms
 from pmc_clip.config import DataConfig
+from pmc_clip.sample_order import EpochOrder, OrderConfig, Run
+from pmc_clip.shard_cache import check_cache_limit
+from pmc_clip.shard_runs import INDEX_TOOL, RunReader, RunResult
 from pmc_clip.tokenize import CaptionTokenizer
 
 _log = logging.getLogger(__name__)
@@ -202,11 +193,13 @@ def resolve_dataset(
     num_samples_override: int | None,
     weights: tuple[float, ...] | None = None,
     flag: str = "--train-data",
+    need_sizes: bool = True,
 ) -> Dataset:
     """Expand `spec`, read its sizes, and fix the samples per epoch.
 
     Per epoch: the override if given, else the sum over sources of
-    upsampling factor x samples in the source's manifest.
+    upsampling factor x samples in the source's manifest. Without `need_sizes` (training:
+    the shard indexes know the counts) a source without a manifest is no error.
     """
     expanded = expand_spec(spec)
     weights = weights or tuple(1.0 for _ in expanded)
@@ -214,7 +207,7 @@ def resolve_dataset(
     sources = []
     for part, urls, weight in zip(spec.split(SOURCE_SEPARATOR), expanded, weights, strict=True):
         sizes = None if num_samples_override is not None else read_shard_sizes(urls)
-        if sizes is None and num_samples_override is None:
+        if sizes is None and num_samples_override is None and need_sizes:
             raise ValueError(
                 f"{flag} source {storage.redact_url(part.strip())} has no sizes.json or "
                 f"manifest.json next to its shards, so its size is unknown: pass "
@@ -232,79 +225,92 @@ def resolve_dataset(
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """How many batches every worker and rank yields per epoch (the same for all)."""
+class TrainShards:
+    """The training shards as the sample order sees them: samples and weight per shard."""
 
-    batch_size: int
+    urls: tuple[str, ...]
+    num_samples: tuple[int, ...]
+    weights: tuple[float, ...]  # the upsampling factor of each shard's source
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one rank's training batches are cut from the epoch's sample order
+    (sample_order): global step t takes the next `global_batch` samples."""
+
+    batch_size: int  # per rank
     world_size: int
     num_workers: int  # >= 1: 0 DataLoader workers means one stream in the main process
-    num_batches_per_worker: int
+    order: OrderConfig
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     @property
     def num_batches(self) -> int:
-        """Per rank and epoch."""
-        return self.num_batches_per_worker * self.num_workers
+        """Per rank, in a whole epoch (the same on every rank)."""
+        return self.order.samples_per_epoch // self.global_batch
 
     @property
     def num_samples(self) -> int:
-        """Over all ranks, per epoch."""
-        return self.num_batches * self.batch_size * self.world_size
+        """Over all ranks, per whole epoch."""
+        return self.num_batches * self.global_batch
+
+    def num_batches_after(self, consumed: int) -> int:
+        """Per rank, left in the epoch after `consumed` samples (a resume)."""
+        return (self.order.samples_per_epoch - consumed) // self.global_batch
 
 
 def plan_train_epoch(
-    dataset: Dataset, batch_size: int, world_size: int, num_workers: int, resampled: bool
-) -> EpochPlan:
-    num_streams = max(1, num_workers)
-    num_slots = world_size * num_streams
-    num_shards = len(dataset.urls)
-    if not resampled and num_shards < num_slots:
-        raise ValueError(
-            f"--train-data has {num_shards} shards for {world_size} ranks x {num_streams} "
-            f"workers = {num_slots} readers: every reader needs at least one shard without "
-            "--dataset-resampled. Use --dataset-resampled, fewer --workers, or reshard with "
-            "a smaller --shard-size"
-        )
-    samples_per_round = batch_size * num_slots
-    num_batches_per_worker = dataset.num_samples // samples_per_round
-    if num_batches_per_worker < 1:
-        raise ValueError(
-            f"an epoch of {dataset.num_samples} samples is less than one batch per reader "
-            f"({batch_size} x {world_size} ranks x {num_streams} workers = "
-            f"{samples_per_round}): lower --batch-size or --workers"
-        )
-    return EpochPlan(batch_size, world_size, num_streams, num_batches_per_worker)
-
-
-def shards_for_reader(
-    urls: list[str],
-    seed: int,
-    epoch: int,
-    rank: int,
+    shards: TrainShards,
+    config: DataConfig,
     world_size: int,
-    worker: int,
-    num_workers: int,
-) -> list[str]:
-    """Without resampling: shuffle with (seed, epoch), then split by rank, then by worker."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
-    shuffled = [urls[i] for i in order]
-    return shuffled[rank::world_size][worker::num_workers]
+    ranks_per_node: int,
+    seed: int,
+) -> EpochPlan:
+    """The plan of a fresh run; the canonical node count defaults to this run's nodes."""
+    if world_size % ranks_per_node:
+        raise ValueError(f"world size {world_size} is not a multiple of {ranks_per_node} per node")
+    num_canonical_nodes = config.num_canonical_nodes or world_size // ranks_per_node
+    total = sum(shards.num_samples)
+    if config.dataset_resampled:
+        samples_per_epoch = config.train_num_samples or round(
+            sum(n * w for n, w in zip(shards.num_samples, shards.weights, strict=True))
+        )
+    else:
+        if config.train_num_samples not in (None, total):
+            raise ValueError(
+                f"--train-num-samples {config.train_num_samples}: without --dataset-resampled "
+                f"an epoch is every training sample once ({total} in --train-data's "
+                "manifests/indexes); drop the flag, or add --dataset-resampled to draw "
+                "epochs of that length"
+            )
+        samples_per_epoch = total
+    order = OrderConfig(
+        seed, num_canonical_nodes, config.span_samples, config.dataset_resampled, samples_per_epoch
+    )
+    plan = EpochPlan(config.batch_size, world_size, max(1, config.num_workers), order)
+    check_plan(plan)
+    return plan
 
 
-def resampled_shards(
-    urls: list[str], weights: list[float], seed: int, epoch: int, rank: int, worker: int, rep: int
-) -> Iterator[str]:
-    """With resampling: len(urls) shards drawn with replacement, P(shard) ~ its weight."""
-    rng = np.random.default_rng([seed, epoch, rank, worker, rep])
-    probabilities = np.asarray(weights, dtype=np.float64)
-    probabilities /= probabilities.sum()
-    for index in rng.choice(len(urls), size=len(urls), p=probabilities):
-        yield urls[int(index)]
-
-
-def resume_skip_batches(step: int, worker: int, num_workers: int) -> int:
-    """Batches that (effective) worker `worker` delivered before global step `step`:
-    the steps t < step with t % num_workers == worker."""
-    return max(0, -(-(step - worker) // num_workers))
+def check_plan(plan: EpochPlan) -> None:
+    """Start-up checks shared by a fresh plan and a resumed one."""
+    nodes = plan.order.num_canonical_nodes
+    if plan.global_batch % nodes:
+        raise ValueError(
+            f"the global batch ({plan.batch_size} x {plan.world_size} ranks = "
+            f"{plan.global_batch}) must be a multiple of the {nodes} canonical nodes of the "
+            "sample order (--num-canonical-nodes, or the run's node count): every step takes "
+            "an equal share of every node's samples. Change --batch-size"
+        )
+    if plan.num_batches < 1:
+        raise ValueError(
+            f"an epoch of {plan.order.samples_per_epoch} samples is less than one global batch "
+            f"({plan.batch_size} x {plan.world_size} ranks = {plan.global_batch}): lower "
+            "--batch-size"
+        )
 
 
 # --------------------------------------------------------------------------- stages
@@ -318,8 +324,9 @@ class WorkerCounters:
     samples_read: int = 0
     samples_bad: int = 0
     samples_delivered: int = 0
-    samples_resume_skipped: int = 0
-    passes: int = 0
+    # Train: bad or unreadable samples replaced by another of their batch (fill_step).
+    samples_substituted: int = 0
+    runs_read: int = 0  # train: runs of consecutive samples fetched
     stream_errors: int = 0
     # Samples a shard's manifest count promised but the shard did not hold (a tar cut at
     # a member boundary reads as a shorter, valid archive: only the count shows the loss).
@@ -422,9 +429,17 @@ def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
         yield {k: v for k, v in sample.items() if k.startswith("__") or k in KEPT_EXTENSIONS}
 
 
-def sample_rng(seed: int, epoch: int, rep: int, key: str) -> np.random.Generator:
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """An evaluation sample's generator (its MLM mask), from its key."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return np.random.default_rng([seed, epoch, rep, int.from_bytes(digest, "little")])
+    return np.random.default_rng([seed, epoch, int.from_bytes(digest, "little")])
+
+
+def position_rng(seed: int, epoch: int, stream: int, position: int) -> np.random.Generator:
+    """A training sample's generator (crop, MLM mask), from its place in the epoch's order
+    (sample_order): the same whatever the world size, and a resampled sample drawn twice
+    gets two crops."""
+    return np.random.default_rng([seed, epoch, stream, position])
 
 
 @dataclass(frozen=True)
@@ -436,10 +451,8 @@ class SampleProcessor:
 
     image_size: int
     crop_scale: tuple[float, float] | None  # None: eval transform (centre crop)
-    seed: int
-    epoch: int
 
-    def __call__(self, sample: dict[str, Any], rep: int) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = sample["__key__"]
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if image_ext is None:
@@ -447,7 +460,6 @@ class SampleProcessor:
         if "txt" not in sample:
             raise ValueError("no .txt caption member")
         caption = sample["txt"].decode("utf-8")  # strict: a non-UTF-8 caption is bad
-        rng = sample_rng(self.seed, self.epoch, rep, key)
         with Image.open(io.BytesIO(sample[image_ext]), formats=PIL_FORMATS) as image:
             if self.crop_scale is None:
                 pixels = transforms.eval_transform(image, self.image_size)
@@ -456,21 +468,111 @@ class SampleProcessor:
         return {"key": key, "image": pixels, "caption": caption, "rng": rng}
 
 
-def decode_and_transform(
-    samples: Iterable[dict[str, Any]],
-    processor: SampleProcessor,
-    rep: int,
-    counters: WorkerCounters,
-) -> Iterator[dict[str, Any]]:
-    warn = _RateLimitedWarning("skipped bad sample")
-    for sample in samples:
-        counters.samples_read += 1
+class SampleDecoder:
+    """Runs a SampleProcessor on one sample; a bad sample is counted, warned about (rate
+    limited) and comes back as None."""
+
+    def __init__(self, processor: SampleProcessor, counters: WorkerCounters) -> None:
+        self.processor, self.counters = processor, counters
+        self.warn = _RateLimitedWarning("bad sample")
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+        self.counters.samples_read += 1
         try:
-            yield processor(sample, rep)
+            return self.processor(sample, rng)
         except Exception as exc:  # any decode failure: PIL, UTF-8, truncation, bombs
-            counters.samples_bad += 1
+            self.counters.samples_bad += 1
             url = storage.redact_url(str(sample.get("__url__", "?")))
-            warn(f"{sample.get('__key__')!r} in {url}: {type(exc).__name__}: {exc}")
+            self.warn(f"{sample.get('__key__')!r} in {url}: {type(exc).__name__}: {exc}")
+            return None
+
+
+def decode_and_transform(
+    samples: Iterable[dict[str, Any]], decoder: SampleDecoder, seed: int
+) -> Iterator[dict[str, Any]]:
+    """Evaluation stage: bad samples are dropped (counted)."""
+    for sample in samples:
+        decoded = decoder(sample, sample_rng(seed, 0, sample["__key__"]))
+        if decoded is not None:
+            yield decoded
+
+
+# --------------------------------------------------------------------------- train stages
+#
+#   my steps -> their runs (sample_order) -> run bytes, read ahead (shard_runs)
+#     -> decode (crop and mask seeded by the sample's position) -> exactly B per step
+
+
+def worker_step_runs(
+    order: EpochOrder, plan: EpochPlan, rank: int, consumed: int, worker: int, num_workers: int
+) -> Iterator[list[Run]]:
+    """The runs of this worker's steps of the pass that starts after `consumed` samples:
+    the DataLoader takes one batch from each worker in turn, so worker w makes the
+    pass's steps w, w + num_workers, ..."""
+    for step in range(worker, plan.num_batches_after(consumed), num_workers):
+        start = consumed + step * plan.global_batch
+        yield order.rank_runs(start, plan.global_batch, rank, plan.batch_size)
+
+
+def read_steps(
+    steps: Iterable[list[Run]], reader: RunReader, counters: WorkerCounters
+) -> Iterator[list[RunResult]]:
+    """Each step's runs fetched (reading ahead across step boundaries)."""
+    runs_per_step: collections.deque[int] = collections.deque()
+
+    def all_runs() -> Iterator[Run]:
+        for runs in steps:
+            runs_per_step.append(len(runs))
+            yield from runs
+
+    results = reader.read_ahead(all_runs())
+    warn = _RateLimitedWarning("unreadable run")
+    for first in results:
+        group = [first, *itertools.islice(results, runs_per_step.popleft() - 1)]
+        for result in group:
+            counters.runs_read += 1
+            if result.error is not None:
+                counters.stream_errors += 1
+                warn(str(result.error))
+        yield group
+
+
+def decode_step(
+    results: list[RunResult], decoder: SampleDecoder, seed: int, epoch: int
+) -> list[dict[str, Any] | None]:
+    """The step's samples in order, None where a sample was bad or its run unreadable."""
+    out: list[dict[str, Any] | None] = []
+    for result in results:
+        run = result.run
+        if result.error is not None:
+            out += [None] * run.num_samples
+            continue
+        for offset, sample in enumerate(result.samples):
+            rng = position_rng(seed, epoch, run.stream, run.position + offset)
+            out.append(decoder(sample, rng))
+    return out
+
+
+def fill_step(
+    samples: list[dict[str, Any] | None], counters: WorkerCounters
+) -> list[dict[str, Any]]:
+    """Exactly the step's batch size: every rank must hand the same shapes to the
+    collectives (a short batch would hang the all-gather). A bad or unreadable sample is
+    replaced by another sample of the same batch (counted as samples_substituted); the
+    duplicate keeps the batch full at the price of one repeated pair."""
+    good = [sample for sample in samples if sample is not None]
+    if len(good) == len(samples):
+        return good
+    if not good:
+        raise RuntimeError(
+            f"a whole batch of {len(samples)} samples was unreadable or bad: check the "
+            "warnings above for the shards and the storage behind them"
+        )
+    counters.samples_substituted += len(samples) - len(good)
+    filled = []
+    for i, sample in enumerate(samples):
+        filled.append(sample if sample is not None else good[i % len(good)])
+    return filled
 
 
 class BatchBuilder:
@@ -574,10 +676,6 @@ def _mark_free(in_use: torch.Tensor, worker: int, slot: int) -> None:
     in_use[worker, slot] = 0
 
 
-def _shuffle_rng(*seed_parts: int) -> random.Random:
-    return random.Random(int(np.random.SeedSequence(list(seed_parts)).generate_state(1)[0]))
-
-
 # --------------------------------------------------------------------------- worker stream
 
 
@@ -593,8 +691,9 @@ class StreamSpec:
     seed: int
     epoch: int
     train: bool
-    plan: EpochPlan | None  # train: the quota; eval: None (every sample once, last partial)
-    start_step: int = 0
+    plan: EpochPlan | None  # train only; eval: every sample once, the last batch partial
+    shards: TrainShards | None = None  # train only
+    consumed: int = 0  # train: samples of the epoch consumed before this pass (all ranks)
 
     @property
     def read_options(self) -> storage.ShardReadOptions:
@@ -606,6 +705,7 @@ class StreamSpec:
             ),
             timeout_seconds=c.read_timeout_seconds,
             cache_dir=c.cache_dir,
+            cache_limit_bytes=c.cache_limit_bytes,
         )
 
 
@@ -622,32 +722,30 @@ class ShardStream(IterableDataset):
         self.spec = spec
         self.buffers = buffers  # for DataLoader workers
         # Each reading process makes its own on first use (see ShardFilesystems), and a
-        # persistent worker keeps them for its later epochs.
+        # persistent worker keeps them (and the shard indexes) for its later epochs.
         self.filesystems = storage.ShardFilesystems(spec.read_options)
-        # Shared int64 [epoch, start_step], set by the loader before each pass: persistent
-        # workers outlive the epoch their copy of `spec` was made for.
+        self._reader: RunReader | None = None
+        self._order: EpochOrder | None = None
+        # Shared int64 [epoch, samples consumed], set by the loader before each pass:
+        # persistent workers outlive the epoch their copy of `spec` was made for.
         self.position = position
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.position is not None:
-            epoch, start_step = self.position.tolist()
+            epoch, consumed = self.position.tolist()
             # This process's copy of the stream (a worker's own, or the loader's with no
             # workers): the rest of the pass reads self.spec.
-            self.spec = dataclasses.replace(self.spec, epoch=epoch, start_step=start_step)
+            self.spec = dataclasses.replace(self.spec, epoch=epoch, consumed=consumed)
         spec = self.spec
         info = get_worker_info()
-        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if spec.plan is not None:
             assert num_workers == spec.plan.num_workers, (num_workers, spec.plan)
-        # Rotate worker roles on resume so the DataLoader's round robin continues in order.
-        worker = (loader_worker + spec.start_step) % num_workers
         counters = WorkerCounters(worker=worker)
-        # Filesystems are created lazily in this process (s3fs is not fork-safe).
-        opener = storage.register_webdataset_opener(self.filesystems, counters.read)
         if spec.train:
-            samples = self._train_samples(worker, counters, opener)
+            samples = self._train_samples(worker, num_workers, counters)
         else:
-            samples = self._eval_samples(worker, num_workers, counters, opener)
+            samples = self._eval_samples(worker, num_workers, counters)
         if info is not None:
             # One tokenizer thread per worker: the workers already occupy the cores, and a
             # Rust thread pool per worker would oversubscribe them (an explicit setting
@@ -659,12 +757,12 @@ class ShardStream(IterableDataset):
         def new_images() -> tuple[torch.Tensor, int]:
             if info is None or self.buffers is None:
                 return transforms.empty_batch(batch_size, image_size), -1
-            return self.buffers.acquire(loader_worker, batch_size, image_size, counters)
+            return self.buffers.acquire(worker, batch_size, image_size, counters)
 
         for batch, slot in self._batches(samples, batch_size, new_images):
             counters.samples_delivered += len(batch["keys"])
             batch[STATS_KEY] = counters.as_dict()
-            batch[BUFFER_KEY] = (loader_worker, slot)
+            batch[BUFFER_KEY] = (worker, slot)
             yield batch
 
     def _batches(
@@ -683,100 +781,54 @@ class ShardStream(IterableDataset):
                 yield builder.build(), slot
                 builder = None
         if builder is not None:
-            # The train quota is a whole number of batches: a partial one is a bug.
+            # Every train step is a whole batch (fill_step): a partial one is a bug.
             assert not self.spec.train, f"partial train batch of {len(builder)}"
             yield builder.build(), slot
 
-    def _pipeline(
-        self,
-        urls: Iterable[str],
-        worker: int,
-        rep: int,
-        counters: WorkerCounters,
-        opener: storage.ShardOpener,
-    ) -> wds.DataPipeline:
-        spec = self.spec
-        processor = SampleProcessor(
-            spec.config.image_size,
-            spec.config.crop_scale if spec.train else None,
-            spec.seed,
-            spec.epoch,
-        )
-        handler = _stream_error_handler(counters)
-        stages: list[Any] = [
-            shard_urls(urls, opener),
-            wds.tarfile_to_samples(handler=handler),
-            check_shard_counts(spec.dataset.shard_size, counters),
-            keep_known_members,
-        ]
-        if spec.train:
-            stages.append(
-                wds.shuffle(
-                    spec.config.shuffle_buffer_samples,
-                    spec.config.shuffle_initial_samples,
-                    rng=_shuffle_rng(spec.seed, spec.epoch, spec.rank, worker, rep),
-                )
-            )
-        stages.append(lambda src: decode_and_transform(src, processor, rep, counters))
-        return wds.DataPipeline(*stages)
-
     def _train_samples(
-        self, worker: int, counters: WorkerCounters, opener: storage.ShardOpener
+        self, worker: int, num_workers: int, counters: WorkerCounters
     ) -> Iterator[dict[str, Any]]:
-        """Exactly the worker's quota of samples, minus those a resume skips."""
+        """This worker's steps of the pass, batch after batch: the runs of each step are
+        read (never a sample before the resume point), decoded, and filled to B."""
         spec = self.spec
-        assert spec.plan is not None
-        quota = spec.plan.num_batches_per_worker * spec.plan.batch_size
-        skip = (
-            resume_skip_batches(spec.start_step, worker, spec.plan.num_workers)
-            * spec.plan.batch_size
+        assert spec.plan is not None and spec.shards is not None
+        if self._order is None or self._order.epoch != spec.epoch:
+            shards = spec.shards
+            self._order = EpochOrder(
+                np.asarray(shards.num_samples),
+                np.asarray(shards.weights),
+                spec.plan.order,
+                spec.epoch,
+            )
+        if self._reader is None:
+            self._reader = RunReader(spec.shards.urls, self.filesystems, counters.read)
+        self._reader.counters = counters.read  # this pass's counters
+        decoder = SampleDecoder(
+            SampleProcessor(spec.config.image_size, spec.config.crop_scale), counters
         )
-        urls = spec.dataset.urls
-        num_yielded = 0
-        for rep in itertools.count():  # a pass over the worker's shards, repeated if short
-            if spec.config.dataset_resampled:
-                rep_urls: Iterable[str] = resampled_shards(
-                    urls, spec.dataset.weights, spec.seed, spec.epoch, spec.rank, worker, rep
-                )
-            else:
-                rep_urls = shards_for_reader(
-                    urls,
-                    spec.seed,
-                    spec.epoch,
-                    spec.rank,
-                    spec.world_size,
-                    worker,
-                    spec.plan.num_workers,
-                )
-            counters.passes += 1
-            yielded_in_pass = 0
-            for sample in self._pipeline(rep_urls, worker, rep, counters, opener):
-                yielded_in_pass += 1
-                num_yielded += 1
-                if num_yielded > skip:
-                    yield sample
-                else:
-                    counters.samples_resume_skipped += 1
-                if num_yielded == quota:
-                    return
-            if yielded_in_pass == 0:
-                raise RuntimeError(
-                    f"rank {spec.rank} data worker {worker}: a whole pass over its shards "
-                    f"gave no readable sample ({counters.stream_errors} shard errors, "
-                    f"{counters.samples_bad} bad samples); check the shards and the logs"
-                )
+        steps = worker_step_runs(
+            self._order, spec.plan, spec.rank, spec.consumed, worker, num_workers
+        )
+        for results in read_steps(steps, self._reader, counters):
+            yield from fill_step(decode_step(results, decoder, spec.seed, spec.epoch), counters)
 
     def _eval_samples(
-        self,
-        worker: int,
-        num_workers: int,
-        counters: WorkerCounters,
-        opener: storage.ShardOpener,
+        self, worker: int, num_workers: int, counters: WorkerCounters
     ) -> Iterator[dict[str, Any]]:
+        """Every sample of this rank's val shards (split by rank, then worker), in order."""
         spec = self.spec
-        rank_urls = spec.dataset.urls[spec.rank :: spec.world_size]
-        counters.passes += 1
-        yield from self._pipeline(rank_urls[worker::num_workers], worker, 0, counters, opener)
+        # Filesystems are created lazily in this process (s3fs is not fork-safe).
+        opener = storage.register_webdataset_opener(self.filesystems, counters.read)
+        urls = spec.dataset.urls[spec.rank :: spec.world_size][worker::num_workers]
+        decoder = SampleDecoder(SampleProcessor(spec.config.image_size, None), counters)
+        pipeline = wds.DataPipeline(
+            shard_urls(urls, opener),
+            wds.tarfile_to_samples(handler=_stream_error_handler(counters)),
+            check_shard_counts(spec.dataset.shard_size, counters),
+            keep_known_members,
+            lambda src: decode_and_transform(src, decoder, spec.seed),
+        )
+        yield from pipeline
 
 
 # --------------------------------------------------------------------------- main process
@@ -827,18 +879,18 @@ class _Loader:
     """Iterates one epoch of a rank's stream through a DataLoader and meters it.
 
     With `persistent_workers` the DataLoader's worker processes (and their pooled image
-    buffers, tokenizer and warm heaps) serve epoch after epoch: starting a worker costs
-    ~50 ms of CPU (fork, fresh shared buffers, first-touch page faults), and at 64 GPUs x 8
-    workers a worker's share of a PMC-OA epoch is only ~3,000 samples. They are kept only
-    after a complete pass; a pass the consumer left early (a resume, a stop) takes the
-    DataLoader with it, and the next pass starts fresh workers.
+    buffers, tokenizer, filesystems, shard indexes and warm heaps) serve epoch after
+    epoch: starting a worker costs ~50 ms of CPU (fork, fresh shared buffers, first-touch
+    page faults), and at 64 GPUs x 8 workers a worker's share of a PMC-OA epoch is only
+    ~3,000 samples. They are kept only after a complete pass; a pass the consumer left
+    early (a resume, a stop) takes the DataLoader with it, and the next pass starts fresh
+    workers.
     """
 
     persistent_workers = False
 
     def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
-        self.step = spec.start_step
         self.meter = ThroughputMeter()
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         # (DataLoader, its workers' buffer pool), kept between complete passes.
@@ -866,12 +918,10 @@ class _Loader:
         )
         return loader, buffers
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.spec.plan is not None and self.step >= self.spec.plan.num_batches:
-            return  # epoch already complete
+    def _batches(self) -> Iterator[dict[str, Any]]:
         self.meter.worker_counters = {}
         # Read by every worker when its pass begins (after iter() below).
-        self._position.copy_(torch.tensor([self.spec.epoch, self.step]))
+        self._position.copy_(torch.tensor([self.spec.epoch, self.spec.consumed]))
         (loader, buffers), self._dataloader = self._dataloader or self._new_dataloader(), None
         iterator = iter(loader)
         while True:
@@ -887,7 +937,6 @@ class _Loader:
             if buffers is not None:
                 buffers.release_when_unused(batch["images"], worker, slot)
             self.meter.update(len(batch["keys"]), time.perf_counter() - wait_start, stats)
-            self.step += 1
             yield batch
             # Only the consumer holds it now: its buffer goes back to the pool as soon as
             # the consumer lets go, not when the next batch has arrived.
@@ -901,9 +950,11 @@ class _Loader:
 class TrainLoader(_Loader):
     """A rank's training loader: `len()` batches per epoch, the same on every rank.
 
-    Resumable: `state_dict()` is the position (epoch, batches delivered this epoch);
-    `load_state_dict()` continues there with the identical stream. Its workers persist
-    from one complete epoch to the next.
+    Resumable: `state_dict()` is a few integers, the epoch, the samples all ranks
+    consumed in it, and the sample order's own parameters; `load_state_dict()` continues
+    there at this loader's world size and worker count (the rest of the same epoch, no
+    sample repeated or lost), reading nothing before that point. Its workers persist from
+    one complete epoch to the next.
     """
 
     persistent_workers = True
@@ -918,58 +969,91 @@ class TrainLoader(_Loader):
         return self.spec.epoch
 
     @property
+    def samples_consumed(self) -> int:
+        """Samples of this epoch consumed by all ranks so far."""
+        return self.spec.consumed
+
+    @property
     def num_batches(self) -> int:
-        """Per epoch, for this rank (and every other)."""
+        """Per whole epoch, for this rank (and every other)."""
         return self.plan.num_batches
 
     @property
     def num_samples(self) -> int:
-        """Per epoch, over all ranks."""
+        """Per whole epoch, over all ranks."""
         return self.plan.num_samples
 
     def __len__(self) -> int:
-        return self.num_batches
+        """Batches left in this epoch (all of them unless resumed mid-epoch)."""
+        return self.plan.num_batches_after(self.spec.consumed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        yield from super().__iter__()
-        assert self.step == self.num_batches, (self.step, self.plan)
+        global_batch = self.plan.global_batch
+        for batch in self._batches():
+            # Counted before the consumer sees the batch: a checkpoint taken after its
+            # step resumes with the next one.
+            self.spec = dataclasses.replace(self.spec, consumed=self.spec.consumed + global_batch)
+            yield batch
+        assert len(self) == 0, (self.spec.consumed, self.plan)
 
     def set_epoch(self, epoch: int) -> None:
-        self.spec = dataclasses.replace(self.spec, epoch=epoch, start_step=0)
-        self.step = 0
+        self.spec = dataclasses.replace(self.spec, epoch=epoch, consumed=0)
 
     def state_dict(self) -> dict[str, int]:
+        order = self.plan.order
         return {
             "epoch": self.spec.epoch,
-            "step": self.step,
-            "seed": self.spec.seed,
-            "world_size": self.plan.world_size,
-            "num_workers": self.plan.num_workers,
-            "batch_size": self.plan.batch_size,
-            "num_batches": self.plan.num_batches,
+            "samples_consumed": self.spec.consumed,
+            "seed": order.seed,
+            "num_canonical_nodes": order.num_canonical_nodes,
+            "span_samples": order.span_samples,
+            "resampled": int(order.resampled),
+            "samples_per_epoch": order.samples_per_epoch,
+            "num_shards": len(self.spec.shards.urls) if self.spec.shards else 0,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved epoch. The canonical node count is the saved one (the order
+        of the epoch depends on it); world size, workers and batch size may differ, as long
+        as the global batch stays a multiple of it."""
+        if "samples_consumed" not in state:
+            raise ValueError(
+                "this checkpoint's data position predates sample-exact epochs (it counts "
+                "batches of the old shard-per-reader order) and cannot be continued mid-epoch; "
+                "resume from an end-of-epoch checkpoint"
+            )
         mine = self.state_dict()
         changed = [
             f"{name} {state.get(name)} -> {mine[name]}"
-            for name in ("seed", "world_size", "num_workers", "batch_size", "num_batches")
+            for name in ("seed", "span_samples", "resampled", "samples_per_epoch", "num_shards")
             if state.get(name) != mine[name]
         ]
         if changed:
             raise ValueError(
                 "cannot continue the data stream where it stopped: it was saved with other "
-                f"settings ({', '.join(changed)}). Resume with the same settings, or call "
-                "set_epoch(epoch + 1) to start the next epoch afresh"
+                f"data settings ({', '.join(changed)}). Resume with the same --train-data, "
+                "--seed and sampling flags, or start the next epoch afresh"
             )
-        if not 0 <= state["step"] <= mine["num_batches"]:
-            raise ValueError(f"saved step {state['step']} outside 0..{mine['num_batches']}")
-        self.spec = dataclasses.replace(self.spec, epoch=state["epoch"], start_step=state["step"])
-        self.step = state["step"]
+        order = dataclasses.replace(
+            self.plan.order, num_canonical_nodes=state["num_canonical_nodes"]
+        )
+        plan = dataclasses.replace(self.plan, order=order)
+        check_plan(plan)
+        consumed = state["samples_consumed"]
+        if not 0 <= consumed <= order.samples_per_epoch or consumed % order.num_canonical_nodes:
+            raise ValueError(f"saved position {consumed} is not a position of this epoch")
+        if plan != self.plan:
+            self._dataloader = None  # persistent workers hold the old plan
+        self.spec = dataclasses.replace(
+            self.spec, plan=plan, epoch=state["epoch"], consumed=consumed
+        )
 
 
 class EvalLoader(_Loader):
     """Every val sample once across ranks; batch counts may differ between ranks."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._batches()
 
     @property
     def num_samples(self) -> int:
@@ -992,20 +1076,53 @@ def build_train_loader(
     world_size: int,
     seed: int,
     epoch: int = 0,
+    ranks_per_node: int = 1,
 ) -> TrainLoader:
-    """The training loader of one rank. Reads the manifests (fsspec) and checks the shard
-    count now, so a bad --train-data fails at start-up on every rank alike."""
+    """The training loader of one rank. Reads the manifests (or the shard indexes), checks
+    that every shard is indexed and fixes the epoch plan now, so a bad --train-data fails
+    at start-up on every rank alike. `ranks_per_node` sets the default canonical node
+    count (world_size / ranks_per_node): ranks are numbered node by node."""
     if config.train_data is None:
         raise ValueError("--train-data is required for training")
     _check_rank(rank, world_size)
     dataset = resolve_dataset(
-        config.train_data, config.train_num_samples, config.train_data_upsampling_factors
+        config.train_data,
+        config.train_num_samples,
+        config.train_data_upsampling_factors,
+        need_sizes=False,
     )
-    plan = plan_train_epoch(
-        dataset, config.batch_size, world_size, config.num_workers, config.dataset_resampled
-    )
-    spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, epoch, True, plan)
+    shards = train_shards(dataset, config)
+    plan = plan_train_epoch(shards, config, world_size, ranks_per_node, seed)
+    spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, epoch, True, plan, shards)
     return TrainLoader(spec)
+
+
+def train_shards(dataset: Dataset, config: DataConfig) -> TrainShards:
+    """Samples per shard (manifest, else the shard's index) once every shard is known to
+    have an index; the node cache's limit is checked against the largest shard."""
+    urls = dataset.urls
+    pipes = [url for url in urls if url.startswith("pipe:")]
+    if pipes:
+        raise ValueError(
+            f"--train-data {storage.redact_url(pipes[0])}: training reads runs of samples by "
+            "byte range, which a pipe: command cannot serve; give the shards' paths or URLs"
+        )
+    shard_bytes = check_indexed(urls)
+    if config.cache_limit_bytes is not None:
+        check_cache_limit(config.cache_limit_bytes, max(shard_bytes.values()))
+    counts = []
+    for url in urls:
+        count = dataset.shard_size(url)
+        if count is None:
+            count = read_index_count(url, config)
+        counts.append(count)
+    return TrainShards(tuple(urls), tuple(counts), tuple(dataset.weights))
+
+
+def read_index_count(url: str, config: DataConfig) -> int:
+    """A shard's sample count from its index (shards without sizes.json/manifest.json)."""
+    fs, path = storage.url_to_fs(shard_index.index_url(url))
+    return shard_index.read_index(fs, path, storage.redact_url(url)).num_samples
 
 
 def build_eval_loader(
@@ -1020,6 +1137,41 @@ def build_eval_loader(
     dataset = resolve_dataset(config.val_data, config.val_num_samples, flag="--val-data")
     spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, 0, False, None)
     return EvalLoader(spec)
+
+
+def check_indexed(urls: list[str]) -> dict[str, int]:
+    """Every shard's size in bytes, after checking that each has its index beside it: one
+    listing per folder (a LIST request on object stores), not a request per shard."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(posixpath.dirname(url), []).append(url)
+    sizes: dict[str, int] = {}
+    missing: list[str] = []
+    for folder, folder_urls in by_folder.items():
+        fs, root = storage.url_to_fs(folder or ".")
+        try:
+            listing = {
+                posixpath.basename(e["name"]): int(e["size"]) for e in fs.ls(root, detail=True)
+            }
+        except OSError as exc:
+            raise ValueError(
+                f"cannot list {storage.redact_url(folder)}: {storage.describe_error(exc, folder)}"
+            ) from None
+        for url in folder_urls:
+            name = posixpath.basename(url)
+            if name not in listing:
+                raise ValueError(f"--train-data shard {storage.redact_url(url)} does not exist")
+            sizes[url] = listing[name]
+            if posixpath.basename(shard_index.index_url(url)) not in listing:
+                missing.append(url)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(urls)} --train-data shards have no sample index (first: "
+            f"{storage.redact_url(shard_index.index_url(missing[0]))}). make_shards writes one "
+            f"beside every shard; for shards written by other tools run once: {INDEX_TOOL} "
+            "'<your --train-data>'"
+        )
+    return sizes
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -36,6 +36,8 @@ class DistInfo:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    # Ranks per node (numbered node by node); the data order's default node count.
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -67,21 +69,26 @@ def detect(env: Mapping[str, str] | None = None) -> DistInfo:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
             launcher="torchrun",
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise ValueError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: not an srun task?")
         job_id = int(env.get("SLURM_JOB_ID", "0"))
+        num_tasks = int(env["SLURM_NTASKS"])
+        num_nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1")
         return DistInfo(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=num_tasks,
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
             master_port=int(
                 env.get("MASTER_PORT") or _SLURM_PORT_BASE + job_id % _SLURM_PORT_RANGE
             ),
             launcher="slurm",
+            # Uneven tasks per node: no node structure to rely on (one canonical node per rank).
+            local_world_size=num_tasks // num_nodes if num_tasks % num_nodes == 0 else 1,
         )
     return DistInfo(0, 0, 1, "127.0.0.1", 29500, "single")
 

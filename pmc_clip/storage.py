@@ -24,11 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    from pmc_clip.shard_cache import ShardCache
 
 # Files we stage with mkstemp are 0600; published files get the usual umask-derived mode.
 _UMASK = os.umask(0)
@@ -324,7 +327,8 @@ class ShardReadOptions:
     chunk_bytes: int = 16 * 1024 * 1024
     retry: RetryPolicy = RetryPolicy()
     timeout_seconds: float = 60.0
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # node-local folder shared by the node's readers
+    cache_limit_bytes: int | None = None  # None: unbounded
 
 
 @dataclass
@@ -353,6 +357,7 @@ class ShardFilesystems:
         self.options = options
         self._by_protocol: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
         self._lock = threading.Lock()  # a ShardOpener opens ahead from a second thread
+        self._cache: ShardCache | None = None
 
     def get(self, protocol: str) -> fsspec.AbstractFileSystem:
         key = (os.getpid(), protocol)
@@ -360,6 +365,17 @@ class ShardFilesystems:
             if key not in self._by_protocol:
                 self._by_protocol[key] = _new_filesystem(protocol, self.options)
             return self._by_protocol[key]
+
+    def cache(self) -> ShardCache:
+        """The node cache of `options.cache_dir` (which must be set)."""
+        # Imported here: shard_cache uses this module's redact_url.
+        from pmc_clip.shard_cache import ShardCache
+
+        assert self.options.cache_dir is not None
+        with self._lock:
+            if self._cache is None:
+                self._cache = ShardCache(self.options.cache_dir, self.options.cache_limit_bytes)
+            return self._cache
 
     def __reduce__(self) -> tuple[type[ShardFilesystems], tuple[ShardReadOptions]]:
         # Pickled (into spawned workers) as its options: no filesystem or lock travels.
@@ -491,26 +507,21 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def _copy_to_cache(url: str, filesystems: ShardFilesystems, counters: ShardReadCounters) -> str:
-    """The shard as a local file under the cache folder, downloaded once (atomically)."""
-    options = filesystems.options
-    assert options.cache_dir is not None
-    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-    local_path = os.path.join(options.cache_dir, f"{digest}-{posixpath.basename(url)}")
-    if not os.path.exists(local_path):
-        os.makedirs(options.cache_dir, exist_ok=True)
+def open_cached(
+    url: str, size_bytes: int, filesystems: ShardFilesystems, counters: ShardReadCounters
+) -> IO[bytes]:
+    """The shard (`size_bytes` long) from the node cache, downloaded into it first by one
+    process of the node if absent (range requests, retried)."""
+
+    def download(tmp_path: str) -> None:
         reader = RangeReader(url, filesystems, counters)
-        tmp: str | None = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=options.cache_dir)
-            with os.fdopen(fd, "wb") as f:
-                shutil.copyfileobj(reader, f, length=1 << 20)
-            os.replace(tmp, local_path)
+            with open(tmp_path, "wb") as out:
+                shutil.copyfileobj(reader, out, length=1 << 20)
         finally:
             reader.close()
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-    return local_path
+
+    return filesystems.cache().open(url, size_bytes, download)
 
 
 def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCounters) -> IO[bytes]:
@@ -530,7 +541,9 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
         return wds.gopen(url, "rb")
     try:
         if filesystems.options.cache_dir is not None:
-            return open(_copy_to_cache(url, filesystems, counters), "rb", buffering=1 << 20)
+            fs, path = filesystems.get(protocol), fsspec.core.strip_protocol(url)
+            size = _retrying("stat", url, filesystems.options, counters, lambda: int(fs.size(path)))
+            return open_cached(url, size, filesystems, counters)
         return io.BufferedReader(RangeReader(url, filesystems, counters), buffer_size=1 << 20)
     except ShardReadError:
         counters.shards_failed += 1

@@ -105,7 +105,12 @@ class Trainer:
         self.train_loader: TrainLoader | None = None
         if train:
             self.train_loader = build_train_loader(
-                data_config, self.tokenizer, self.rank, self.world_size, config.train.seed
+                data_config,
+                self.tokenizer,
+                self.rank,
+                self.world_size,
+                config.train.seed,
+                ranks_per_node=self.info.local_world_size,
             )
         self.val_loader: EvalLoader | None = None
         data_config = self._val_data_as_shards(data_config)

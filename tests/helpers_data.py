@@ -82,8 +82,7 @@ def data_config(train_data: str | None, **overrides: Any) -> DataConfig:
         "prefetch_factor": 2,
         "pin_memory": False,
         "image_size": IMAGE_SIZE,
-        "shuffle_buffer_samples": 64,
-        "shuffle_initial_samples": 16,
+        "span_samples": 4,
         "read_backoff_seconds": 0.01,
         "read_backoff_max_seconds": 0.05,
     }
