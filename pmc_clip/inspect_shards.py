@@ -5,7 +5,8 @@
     python tools/inspect_shards.py shards/ --extract out/ --samples 10
 
 Verification reads every shard named in manifest.json and checks its size, sha256,
-member names (key.ext, no folders, no dots in keys) and sample count. Extraction writes
+member names (key.ext, no folders, no dots in keys), sample count and its sample index
+(`.idx`, rebuilt from the shard and compared). Extraction writes
 members of the first samples into a folder; a member name that would land outside it
 (absolute, '..', a link) is refused. Shard content is only ever read as bytes: nothing
 is unpickled.
@@ -17,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -25,7 +27,7 @@ from typing import Any
 
 import fsspec
 
-from pmc_clip import storage
+from pmc_clip import shard_index, storage
 
 _MAX_CAPTION_CHARS_SHOWN = 160
 
@@ -85,7 +87,31 @@ def verify_shard(fs: fsspec.AbstractFileSystem, root: str, entry: dict[str, Any]
         problems.append("sha256 differs from the manifest")
     if len(keys) != entry["count"]:
         problems.append(f"{len(keys)} samples, manifest says {entry['count']}")
+    index_problem = verify_index(fs, path, hashing.num_bytes)
+    if index_problem:
+        problems.append(index_problem)
     return ShardReport(name, problems, len(keys))
+
+
+def verify_index(fs: fsspec.AbstractFileSystem, shard_path: str, num_bytes: int) -> str | None:
+    """What is wrong with the shard's `.idx` file, or None: it must exist and equal the
+    index rebuilt from the shard (a second read of it)."""
+    path = shard_index.index_url(shard_path)
+    name = posixpath.basename(path)
+    try:
+        stored = shard_index.read_index(fs, path, name)
+    except FileNotFoundError:
+        return f"index {name} is missing; build it with: python tools/index_shards.py 'SHARDS'"
+    except ValueError as e:
+        return str(e)
+    with fs.open(shard_path, "rb") as raw:
+        try:
+            rebuilt = shard_index.build_index(raw, num_bytes)
+        except ValueError as e:
+            return f"cannot be indexed: {e}"
+    if rebuilt != stored:
+        return f"index {name} does not match the shard; {shard_index.REBUILD_HINT}"
+    return None
 
 
 class _HashingReader:

@@ -13,6 +13,9 @@ Stages, in order:
 
 Every row ends in exactly one shard or in skipped.jsonl with a reason.
 
+Each shard `X.tar` gets its sample index `X.idx` (pmc_clip/shard_index.py) beside it,
+published just before the shard, so a shard never exists without its index.
+
 Resume: each finished shard gets a record in `<output>/_progress/` *after* the shard
 itself is in place (renamed or uploaded). Shard boundaries depend only on the input and
 the options, so a rerun after a crash continues after the last recorded shard and yields
@@ -48,7 +51,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from pmc_clip import storage
+from pmc_clip import shard_index, storage
 from pmc_clip.figures import Figure, FigureError, FigureOptions, FigureReader
 
 MANIFEST_VERSION = 1
@@ -581,6 +584,11 @@ class ShardWriterState:
 
     def _publish(self, staged: str, dest: str, record: ShardRecord) -> None:
         retry = self.options.retry_policy()
+        with open(staged, "rb") as f:
+            index = shard_index.build_index(f, record.bytes)
+        # The index goes first: a crash between the two leaves an index without its shard
+        # (the rerun rewrites both, byte for byte), never a shard without its index.
+        shard_index.write_index(self.fs, shard_index.index_url(dest), index, retry)
         storage.publish(self.fs, staged, dest, retry)
         # Only now, with the shard in place, is it recorded as done.
         progress_path = storage.join(self.root, PROGRESS_DIR, record.name + ".json")

@@ -387,8 +387,8 @@ def _children(pid: int) -> set[int]:
     return children
 
 
-def _tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+def _tar_bytes(out: Path, pattern: str = "*.tar") -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob(pattern))}
 
 
 @pytest.mark.slow
@@ -399,7 +399,9 @@ def test_rerun_after_kill_9_gives_identical_shards(tmp_path: Path) -> None:
         _cli(jsonl, images, str(reference), "--workers", "0"), check=True, capture_output=True
     )
     expected = _tar_bytes(reference)
+    expected_indexes = _tar_bytes(reference, "*.idx")
     num_shards = len(expected)
+    assert sorted(expected_indexes) == sorted(name[:-4] + ".idx" for name in expected)
     assert num_shards > 30  # byte cap and count cap both close shards
     for seed in (1, 2, 3):
         out = tmp_path / f"killed-{seed}"
@@ -427,6 +429,7 @@ def test_rerun_after_kill_9_gives_identical_shards(tmp_path: Path) -> None:
             _cli(jsonl, images, str(out), "--workers", "1"), check=True, capture_output=True
         )
         assert _tar_bytes(out) == expected, f"seed {seed}: resumed shards differ"
+        assert _tar_bytes(out, "*.idx") == expected_indexes, f"seed {seed}: indexes differ"
         assert not list(out.glob(".tmp-*"))
         resumed, straight = (
             json.loads((d / "manifest.json").read_text()) for d in (out, reference)
