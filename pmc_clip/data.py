@@ -959,6 +959,10 @@ class TrainLoader(_Loader):
 
     persistent_workers = True
 
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__(spec)
+        self._pass_start = spec.consumed
+
     @property
     def plan(self) -> EpochPlan:
         assert self.spec.plan is not None
@@ -984,20 +988,23 @@ class TrainLoader(_Loader):
         return self.plan.num_samples
 
     def __len__(self) -> int:
-        """Batches left in this epoch (all of them unless resumed mid-epoch)."""
-        return self.plan.num_batches_after(self.spec.consumed)
+        """Batches of the current (or next) pass: the whole epoch, or the rest of it after
+        a resume or a pass left early."""
+        return self.plan.num_batches_after(self._pass_start)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         global_batch = self.plan.global_batch
+        self._pass_start = self.spec.consumed
         for batch in self._batches():
             # Counted before the consumer sees the batch: a checkpoint taken after its
             # step resumes with the next one.
             self.spec = dataclasses.replace(self.spec, consumed=self.spec.consumed + global_batch)
             yield batch
-        assert len(self) == 0, (self.spec.consumed, self.plan)
+        assert self.plan.num_batches_after(self.spec.consumed) == 0, (self.spec, self.plan)
 
     def set_epoch(self, epoch: int) -> None:
         self.spec = dataclasses.replace(self.spec, epoch=epoch, consumed=0)
+        self._pass_start = 0
 
     def state_dict(self) -> dict[str, int]:
         order = self.plan.order
@@ -1047,6 +1054,7 @@ class TrainLoader(_Loader):
         self.spec = dataclasses.replace(
             self.spec, plan=plan, epoch=state["epoch"], consumed=consumed
         )
+        self._pass_start = consumed
 
 
 class EvalLoader(_Loader):

@@ -11,6 +11,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 from conftest import FaultProxy
 from helpers_data import (
@@ -67,8 +68,11 @@ def test_s3_epoch_over_two_ranks_is_exactly_the_dataset(
         assert len(batches) == len(loader) == 4
         delivered += keys_of(batches)
         totals = loader.meter.totals()
-        assert totals["shard_shards_opened"] == 4  # 8 shards / 2 ranks
-        assert totals["shard_requests"] > 2 * totals["shard_shards_opened"]  # stat + ranges
+        # Runs of consecutive samples (span_samples 4), one range request each (a run is
+        # below the 16 KiB chunk), plus each worker's read of a shard's index: requests
+        # scale with runs, not samples.
+        assert totals["runs_read"] <= totals["samples_delivered"] // 2
+        assert totals["shard_requests"] <= totals["runs_read"] + 2 * 8
         assert totals["shard_retries"] == totals["shard_shards_failed"] == 0
     assert len(delivered) == 64 and set(delivered) == keys
 
@@ -160,10 +164,81 @@ def test_s3_cache_dir_downloads_each_shard_once(
     cfg = data_config(None, val_data=pattern, cache_dir=str(cache))
     first = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(first))) == keys
-    assert len(list(cache.glob("*.tar"))) == 8
+    assert len(list(cache.glob("[0-9a-f]*.tar"))) == 8
     again = build_eval_loader(cfg, tokenizer, 0, 1)
     assert set(keys_of(collect(again))) == keys
-    assert again.meter.totals()["shard_requests"] == 0  # read from the cache
+    totals = again.meter.totals()
+    # Read from the cache: one size check per shard (a changed object is fetched again), no data.
+    assert totals["shard_requests"] == 8 and totals["shard_bytes_read"] == 0
+
+
+def test_node_cache_holds_each_nodes_shards_so_epoch_two_reads_nothing_remote(
+    figures: tuple[str, str],
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    tokenizer: CaptionTokenizer,
+    tmp_path: Path,
+) -> None:
+    """Two simulated nodes (one rank of 2 workers each, a cache folder each): a node reads
+    the same shards every epoch, so epoch 2 sends no GET for shard data; each shard is
+    downloaded by one node only, but the straddling one."""
+    pattern, keys = s3_shards(figures, s3_bucket)
+    loaders = [
+        build_train_loader(
+            data_config(pattern, cache_dir=str(tmp_path / f"node{rank}")), tokenizer, rank, 2, 0
+        )
+        for rank in range(2)
+    ]
+    fault_proxy.requests.clear()
+    for epoch in range(3):
+        if epoch == 1:
+            tar_gets = [path for method, path in fault_proxy.requests if path.endswith(".tar")]
+            assert len(set(tar_gets)) <= 8 + 1  # each shard on one node (one may straddle)
+            fault_proxy.requests.clear()
+        delivered = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            delivered += keys_of(collect(loader))
+        assert len(delivered) == len(set(delivered)) == 64 and set(delivered) == keys
+    assert [r for r in fault_proxy.requests if r[1].endswith(".tar")] == []
+    cached = {
+        p.name.split("-", 1)[1]
+        for node in range(2)
+        for p in (tmp_path / f"node{node}").glob("[0-9a-f]*.tar")
+    }
+    assert len(cached) == 8
+
+
+def test_node_cache_limit_evicts_and_the_epochs_still_complete(
+    figures: tuple[str, str],
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    tokenizer: CaptionTokenizer,
+    tmp_path: Path,
+) -> None:
+    pattern, keys = s3_shards(figures, s3_bucket)
+    listing = fsspec.filesystem("s3", skip_instance_cache=True).ls(
+        pattern.rsplit("/", 1)[0], detail=True
+    )
+    sizes = [int(entry["size"]) for entry in listing if entry["name"].endswith(".tar")]
+    limit = 3 * max(sizes)  # a node's share is 8 shards: 3 fit
+    cache = tmp_path / "node0"
+    cfg = data_config(pattern, cache_dir=str(cache), cache_limit_bytes=limit)
+    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    fault_proxy.requests.clear()
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        delivered = keys_of(collect(loader))
+        assert len(delivered) == len(set(delivered)) == 64 and set(delivered) == keys
+        on_disk = sum(p.stat().st_size for p in cache.glob("[0-9a-f]*.tar"))
+        assert on_disk <= limit
+    tar_gets = [path for method, path in fault_proxy.requests if path.endswith(".tar")]
+    assert len(tar_gets) > 8  # evicted shards were downloaded again
+    with pytest.raises(ValueError, match="cache-limit-bytes"):
+        build_train_loader(
+            data_config(pattern, cache_dir=str(cache), cache_limit_bytes=max(sizes) - 1),
+            tokenizer, 0, 1, seed=0,
+        )  # fmt: skip
 
 
 def test_http_urls_stream_through_fsspec(
