@@ -15,7 +15,7 @@
 #
 # Variables (default): the same as launch/pretrain_8node.sh - TRAIN_DATA
 # (shards/pmc-oa-train-{000000..000131}.tar), VAL_DATA, TRAIN_NUM_SAMPLES,
-# DATASET_RESAMPLED (0 here), MODEL (RN50_fusion4), TEXT_ENCODER (PubMedBERT; empty: random
+# DATASET_RESAMPLED (0), CACHE_DIR, CACHE_LIMIT_BYTES, MODEL (RN50_fusion4), TEXT_ENCODER (PubMedBERT; empty: random
 # init), TOKENIZER, MLM (1), BATCH_SIZE (128), LR (1e-4), WD (0.1), WARMUP (500), EPOCHS
 # (100), WORKERS (8), PRECISION (amp_bf16 on GPU, fp32 on CPU), SEED (0),
 # SAVE_EVERY_N_STEPS (1000), LOGS_DIR (logs), RUN_NAME (pmc-clip-1node), PMC_CLIP_VENV
@@ -79,6 +79,8 @@ text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstrac
 [[ ${MLM:-1} == 1 ]] && args+=(--mlm)
 [[ ${DATASET_RESAMPLED:-0} == 1 ]] && args+=(--dataset-resampled)
 [[ -n ${TRAIN_NUM_SAMPLES:-} ]] && args+=(--train-num-samples "$TRAIN_NUM_SAMPLES")
+[[ -n ${CACHE_DIR:-} ]] && args+=(--cache-dir "$CACHE_DIR")
+[[ -n ${CACHE_LIMIT_BYTES:-} ]] && args+=(--cache-limit-bytes "$CACHE_LIMIT_BYTES")
 [[ -n ${VAL_DATA:-} ]] && args+=(--val-data "$VAL_DATA" --val-frequency 1)
 args+=("$@") # last wins: extra arguments override the defaults above
 

@@ -44,10 +44,16 @@
 #
 # Variables (default):
 #   TRAIN_DATA   s3://bucket/pmc-oa/pmc-oa-train-{000000..000164}.tar  shard pattern(s), `::`
-#                between sources; sizes.json beside the shards gives the sample count
+#                between sources; sizes.json beside the shards gives the sample count, the
+#                .idx beside each shard its samples' byte ranges (tools/index_shards.py)
 #   VAL_DATA     (none)                validation shards; evaluated every epoch when set
-#   TRAIN_NUM_SAMPLES (from sizes.json)  samples per epoch
-#   DATASET_RESAMPLED 1                draw shards with replacement (seeded)
+#   DATASET_RESAMPLED 0                0: every sample once per epoch; 1: draw runs of
+#                samples with replacement (seeded), TRAIN_NUM_SAMPLES per epoch
+#   TRAIN_NUM_SAMPLES (from sizes.json)  samples per resampled epoch
+#   CACHE_DIR    (none)                node-local folder: each node keeps the shards it reads
+#                (the same every epoch), so epoch 2 onward reads nothing from object storage
+#   CACHE_LIMIT_BYTES (none)           bound on CACHE_DIR; no re-downloads if it holds a
+#                node's share of the shards (dataset bytes / nodes, plus one shard)
 #   MODEL RN50_fusion4; TEXT_ENCODER microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext
 #                (hub id or local directory; set empty for a randomly initialised BERT);
 #   TOKENIZER (the text encoder's); MLM 1 (0: contrastive only)
@@ -144,8 +150,10 @@ text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstrac
 [[ -n $text_encoder ]] && args+=(--text-encoder "$text_encoder")
 [[ -n ${TOKENIZER:-} ]] && args+=(--tokenizer "$TOKENIZER")
 [[ ${MLM:-1} == 1 ]] && args+=(--mlm)
-[[ ${DATASET_RESAMPLED:-1} == 1 ]] && args+=(--dataset-resampled)
+[[ ${DATASET_RESAMPLED:-0} == 1 ]] && args+=(--dataset-resampled)
 [[ -n ${TRAIN_NUM_SAMPLES:-} ]] && args+=(--train-num-samples "$TRAIN_NUM_SAMPLES")
+[[ -n ${CACHE_DIR:-} ]] && args+=(--cache-dir "$CACHE_DIR")
+[[ -n ${CACHE_LIMIT_BYTES:-} ]] && args+=(--cache-limit-bytes "$CACHE_LIMIT_BYTES")
 [[ -n ${VAL_DATA:-} ]] && args+=(--val-data "$VAL_DATA" --val-frequency 1)
 args+=("$@") # last wins: extra arguments override the defaults above
 

@@ -293,6 +293,7 @@ def trainer_env(inputs: Mapping[str, str], steps: int, batch_size: int = 4) -> d
         MODEL="tiny",
         TEXT_ENCODER="",  # the tiny config's BERT, randomly initialised
         BATCH_SIZE=str(batch_size),
+        DATASET_RESAMPLED="1",  # epochs of exactly `steps` steps, whatever the shards hold
         TRAIN_NUM_SAMPLES=str(steps * batch_size * 8),
         EPOCHS="1",
         WARMUP="2",
