@@ -44,8 +44,10 @@ class DataConfig:
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area fraction (paper: 0.5)
     # Training sample order (pmc_clip/sample_order.py): runs of this many consecutive
-    # samples of a shard are shuffled every epoch; one run is one range request.
-    span_samples: int = 32
+    # samples of a shard are shuffled every epoch; a run is one range request. None:
+    # 1 (every sample on its own) for local shards or with cache_dir, where a run is a
+    # seek; 32 for shards streamed from object storage, where it is a request.
+    span_samples: int | None = None
     # Canonical nodes of the sample order; None: this run's node count (world size /
     # ranks per node). The order of an epoch depends on it, never on the world size.
     num_canonical_nodes: int | None = None
@@ -84,7 +86,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.span_samples < 1:
+        if self.span_samples is not None and self.span_samples < 1:
             raise ValueError(f"--shuffle-span-samples must be >= 1, got {self.span_samples}")
         if self.num_canonical_nodes is not None and self.num_canonical_nodes < 1:
             raise ValueError(f"--num-canonical-nodes must be >= 1, got {self.num_canonical_nodes}")

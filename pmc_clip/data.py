@@ -223,6 +223,15 @@ def resolve_dataset(
 
 # --------------------------------------------------------------------------- epoch plan
 
+# Default span of the sample order (--shuffle-span-samples), measured in bench/RESULTS.md:
+# where a run is a seek (local or node-cached shards), every sample is placed on its own,
+# and a global batch mixes as many articles as it has samples; where a run is a request to
+# object storage, 32 consecutive samples (~1-6 MB for PMC-OA figures) keep the requests
+# per sample at 1/32, at the price of fewer articles a batch when shards hold an
+# article's subfigures side by side (make_shards --shuffle writes them apart).
+SPAN_SAMPLES_RANDOM_ACCESS = 1
+SPAN_SAMPLES_STREAMING = 32
+
 
 @dataclass(frozen=True)
 class TrainShards:
@@ -287,8 +296,12 @@ def plan_train_epoch(
                 "epochs of that length"
             )
         samples_per_epoch = total
+    random_access = config.cache_dir is not None or all(map(storage.is_local_url, shards.urls))
+    span_samples = config.span_samples or (
+        SPAN_SAMPLES_RANDOM_ACCESS if random_access else SPAN_SAMPLES_STREAMING
+    )
     order = OrderConfig(
-        seed, num_canonical_nodes, config.span_samples, config.dataset_resampled, samples_per_epoch
+        seed, num_canonical_nodes, span_samples, config.dataset_resampled, samples_per_epoch
     )
     plan = EpochPlan(config.batch_size, world_size, max(1, config.num_workers), order)
     check_plan(plan)
@@ -525,7 +538,7 @@ def read_steps(
             runs_per_step.append(len(runs))
             yield from runs
 
-    results = reader.read_ahead(all_runs())
+    results = reader.read_all(all_runs())
     warn = _RateLimitedWarning("unreadable run")
     for first in results:
         group = [first, *itertools.islice(results, runs_per_step.popleft() - 1)]
@@ -801,7 +814,9 @@ class ShardStream(IterableDataset):
                 spec.epoch,
             )
         if self._reader is None:
-            self._reader = RunReader(spec.shards.urls, self.filesystems, counters.read)
+            self._reader = RunReader(
+                spec.shards.urls, self.filesystems, counters.read, KEPT_EXTENSIONS
+            )
         self._reader.counters = counters.read  # this pass's counters
         decoder = SampleDecoder(
             SampleProcessor(spec.config.image_size, spec.config.crop_scale), counters
@@ -1020,9 +1035,9 @@ class TrainLoader(_Loader):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue the saved epoch. The canonical node count is the saved one (the order
-        of the epoch depends on it); world size, workers and batch size may differ, as long
-        as the global batch stays a multiple of it."""
+        """Continue the saved epoch. Its order's own parameters (canonical node count,
+        span) are the saved ones; world size, workers, batch size and the cache may differ,
+        as long as the global batch stays a multiple of the canonical node count."""
         if "samples_consumed" not in state:
             raise ValueError(
                 "this checkpoint's data position predates sample-exact epochs (it counts "
@@ -1032,7 +1047,7 @@ class TrainLoader(_Loader):
         mine = self.state_dict()
         changed = [
             f"{name} {state.get(name)} -> {mine[name]}"
-            for name in ("seed", "span_samples", "resampled", "samples_per_epoch", "num_shards")
+            for name in ("seed", "resampled", "samples_per_epoch", "num_shards")
             if state.get(name) != mine[name]
         ]
         if changed:
@@ -1042,7 +1057,9 @@ class TrainLoader(_Loader):
                 "--seed and sampling flags, or start the next epoch afresh"
             )
         order = dataclasses.replace(
-            self.plan.order, num_canonical_nodes=state["num_canonical_nodes"]
+            self.plan.order,
+            num_canonical_nodes=state["num_canonical_nodes"],
+            span_samples=state["span_samples"],
         )
         plan = dataclasses.replace(self.plan, order=order)
         check_plan(plan)

@@ -4,28 +4,29 @@ A run (`sample_order.Run`) is samples [first, stop) of one shard; its bytes are 
 contiguous range of the tar, located by the shard's index (`shard_index`). A data-loader
 worker reads its runs in order through a `RunReader`:
 
-- local shards: a seek and a read;
+- local shards: a seek and a read on a file kept open;
 - object stores (s3://, gs://, http...): range requests of at most `chunk_bytes`,
   retried with backoff (storage.retry_call), so requests scale with runs, not samples;
+  the next runs are fetched in a background thread while the current one is decoded;
 - with a node cache (`--cache-dir`): the whole shard is downloaded once per node into
   `shard_cache.ShardCache` and runs are read from the local copy; since a node reads the
   same shards every epoch (sample_order's placement), later epochs read nothing remote.
 
-The next runs are fetched in a background thread while the current one is decoded. Each
-run's bytes are parsed with webdataset's own tar reader and checked against the index
-(sample count and keys): a shard rewritten after it was indexed is an error naming the
-shard and the tool that rebuilds its index, never a silently different sample.
+A run's samples are cut out of its bytes at the member offsets of the index (no tar
+parsing), and each member's own tar header is checked against the index (checksum and
+size): a shard rewritten after it was indexed is an error naming the shard and the tool
+that rebuilds its index, never a silently different sample.
 """
 
 from __future__ import annotations
 
-import io
+import collections
 import os
-from collections import deque
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 
@@ -34,7 +35,8 @@ from pmc_clip.sample_order import Run
 
 INDEX_TOOL = "python tools/index_shards.py"
 _T = TypeVar("_T")
-RUNS_READ_AHEAD = 2  # runs fetched ahead of the one being decoded (memory: ~2 runs' bytes)
+RUNS_READ_AHEAD = 2  # remote runs fetched ahead of the one being decoded (memory: ~2 runs)
+OPEN_FILES = 16  # local or cached shards kept open per reading process
 
 
 class StaleIndexError(ValueError):
@@ -52,23 +54,29 @@ class RunResult:
 
 class RunReader:
     """Fetches runs of one data stream's shards; lives in the process that reads (a
-    data-loader worker) and keeps each shard's index once loaded."""
+    data-loader worker) and keeps each shard's index, and a few open local or cached
+    files, once loaded. `extensions`: the members a sample keeps (others are never
+    sliced out of the run's bytes, let alone decoded)."""
 
     def __init__(
         self,
         urls: tuple[str, ...],
         filesystems: storage.ShardFilesystems,
         counters: storage.ShardReadCounters,
+        extensions: frozenset[str],
     ) -> None:
         self.urls, self.filesystems, self.counters = urls, filesystems, counters
         self.options = filesystems.options
+        self.extensions = extensions
         self._indexes: dict[int, shard_index.ShardIndex] = {}
+        # Open local or cached shards, least recently used first: with one-sample runs
+        # an open per run would cost more than the read.
+        self._files: collections.OrderedDict[int, IO[bytes]] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ indexes
 
     def index(self, shard: int) -> shard_index.ShardIndex:
-        """The shard's index, read once per process (indexes are small: ~10 bytes per
-        sample plus its keys)."""
+        """The shard's index, read once per process (small: ~40 bytes per sample)."""
         if shard not in self._indexes:
             url = shard_index.index_url(self.urls[shard])
             data = self._read_small(url)
@@ -81,6 +89,10 @@ class RunReader:
             with open(path, "rb") as file:
                 return file.read()
         return self._retrying("read", url, lambda: bytes(fs.cat_file(path)))
+
+    def is_random_access(self, shard: int) -> bool:
+        """Local (or node-cached) shards: a run is a seek and a read, no request."""
+        return storage.is_local(self._fs(self.urls[shard])[0]) or self.options.cache_dir is not None
 
     # ------------------------------------------------------------------ bytes
 
@@ -103,22 +115,53 @@ class RunReader:
 
     def read_bytes(self, run: Run) -> bytes:
         """The bytes of the run's samples (header of its first member to the end of its
-        last), by seek on a local or cached file, else by range requests."""
+        last): a seek on a local or cached file, else range requests."""
         url = self.urls[run.shard]
-        index = self.index(run.shard)
-        start, end = index.byte_range(run.first, run.stop)
-        fs, path = self._fs(url)
-        if storage.is_local(fs):
-            return self._read_local(url, path, index, start, end)
-        if self.options.cache_dir is not None:
-            return self._read_cached(url, index, start, end)
-        chunks = []
-        for low in range(start, end, self.options.chunk_bytes):
-            high = min(low + self.options.chunk_bytes, end)
-            chunks.append(self._range(fs, url, path, low, high))
-        data = b"".join(chunks)
+        start, end = self.index(run.shard).byte_range(run.first, run.stop)
+        if self.is_random_access(run.shard):
+            try:
+                file = self._open(run.shard)
+                file.seek(start)
+                data = file.read(end - start)
+            except OSError as exc:
+                raise storage.ShardReadError(
+                    f"read {storage.redact_url(url)}: {storage.describe_error(exc, url)}"
+                ) from None
+        else:
+            fs, path = self._fs(url)
+            data = b"".join(
+                self._range(fs, url, path, low, min(low + self.options.chunk_bytes, end))
+                for low in range(start, end, self.options.chunk_bytes)
+            )
+        if len(data) != end - start:
+            raise _stale(url, f"ends before byte {end}")
         self.counters.bytes_read += len(data)
         return data
+
+    def _open(self, shard: int) -> IO[bytes]:
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        url, size = self.urls[shard], self.index(shard).shard_bytes
+        fs, path = self._fs(url)
+        if storage.is_local(fs):
+            file: IO[bytes] = open(path, "rb")  # noqa: SIM115 -- kept open, closed on eviction
+            actual = os.fstat(file.fileno()).st_size
+            if actual != size:
+                file.close()
+                raise _stale(url, f"is {actual} bytes, its index says {size}")
+        else:
+            # Only one cached copy open at a time: an open copy keeps its disk space after
+            # an eviction, and 64 readers a node holding many would overrun the limit.
+            for cached in [
+                s for s in self._files if not storage.is_local(self._fs(self.urls[s])[0])
+            ]:
+                self._files.pop(cached).close()
+            file = storage.open_cached(url, size, self.filesystems, self.counters)
+        self._files[shard] = file
+        if len(self._files) > OPEN_FILES:
+            self._files.popitem(last=False)[1].close()
+        return file
 
     def _range(
         self, fs: fsspec.AbstractFileSystem, url: str, path: str, low: int, high: int
@@ -131,57 +174,48 @@ class RunReader:
 
         return self._retrying("read", url, call)
 
-    def _read_local(
-        self, url: str, path: str, index: shard_index.ShardIndex, start: int, end: int
-    ) -> bytes:
-        try:
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                if size != index.shard_bytes:
-                    raise _stale(url, f"is {size} bytes, its index says {index.shard_bytes}")
-                file.seek(start)
-                data = file.read(end - start)
-        except OSError as exc:
-            raise storage.ShardReadError(
-                f"read {storage.redact_url(url)}: {storage.describe_error(exc, url)}"
-            ) from None
-        self.counters.bytes_read += len(data)
-        return data
-
-    def _read_cached(self, url: str, index: shard_index.ShardIndex, start: int, end: int) -> bytes:
-        with storage.open_cached(url, index.shard_bytes, self.filesystems, self.counters) as file:
-            file.seek(start)
-            return file.read(end - start)
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
 
     # ------------------------------------------------------------------ samples
 
     def samples(self, run: Run) -> list[dict[str, Any]]:
-        """The run's samples as webdataset dicts ({__key__, __url__, ext: bytes}), checked
-        against the index."""
+        """The run's samples as webdataset dicts ({__key__, __url__, ext: bytes}, the kept
+        extensions only), cut out of the run's bytes at the index's member offsets. Each
+        member's own tar header (right before its data) must carry a valid checksum and
+        the index's size: a shard rewritten after it was indexed fails here."""
+        index = self.index(run.shard)
         data = self.read_bytes(run)
         url = self.urls[run.shard]
-        import webdataset as wds  # torch-heavy import; only data-loading processes need it
-
-        members = (
-            member | {"__url__": url}
-            for member in wds.tariterators.tar_file_iterator(io.BytesIO(data))
-        )
-        samples = list(wds.tariterators.group_by_keys(members))
-        keys = [sample["__key__"] for sample in samples]
-        expected = self.index(run.shard).keys[run.first : run.stop].tolist()
-        if keys != expected:
-            raise _stale(
-                url,
-                f"samples {run.first}..{run.stop - 1} hold keys {keys[:2]}... where its index "
-                f"lists {expected[:2]}...",
-            )
+        base = int(index.sample_offsets[run.first])
+        first_member, stop_member = index.member_starts[run.first], index.member_starts[run.stop]
+        offsets = (index.member_offsets[first_member:stop_member] - base).tolist()
+        sizes = index.member_sizes[first_member:stop_member].tolist()
+        extensions = index.member_extensions[first_member:stop_member].tolist()
+        bounds = (index.member_starts[run.first : run.stop + 1] - first_member).tolist()
+        keys = index.keys[run.first : run.stop].tolist()
+        samples = []
+        for i, key in enumerate(keys):
+            sample: dict[str, Any] = {"__key__": key, "__url__": url}
+            for m in range(bounds[i], bounds[i + 1]):
+                offset, size = offsets[m], sizes[m]
+                _check_header(data, offset, size, url, key)
+                if extensions[m] in self.extensions:
+                    sample[extensions[m]] = data[offset : offset + size]
+            samples.append(sample)
         return samples
 
-    def read_ahead(self, runs: Iterable[Run]) -> Iterator[RunResult]:
-        """Each run's samples in order, the next RUNS_READ_AHEAD fetched in a thread. A
-        run that cannot be read after every retry comes back with its error."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-read-ahead")
-        pending: deque[tuple[Run, Future[list[dict[str, Any]]]]] = deque()
+    def read_all(self, runs: Iterable[Run]) -> Iterator[RunResult]:
+        """Each run's samples in order. Remote runs are fetched RUNS_READ_AHEAD ahead in a
+        thread while the current one is decoded; local and cached ones are read when
+        their turn comes (a read from the page cache costs less than the hand-off). A run
+        that cannot be read after every retry comes back with its error."""
+        executor: ThreadPoolExecutor | None = None
+        pending: collections.deque[tuple[Run, Future[list[dict[str, Any]]] | None]] = (
+            collections.deque()
+        )
         upcoming = iter(runs)
         try:
             while True:
@@ -189,19 +223,40 @@ class RunReader:
                     run = next(upcoming, None)
                     if run is None:
                         break
+                    if self.is_random_access(run.shard):
+                        pending.append((run, None))
+                        continue
+                    if executor is None:
+                        executor = ThreadPoolExecutor(1, thread_name_prefix="run-read-ahead")
                     pending.append((run, executor.submit(self.samples, run)))
                 if not pending:
                     return
                 run, future = pending.popleft()
                 try:
-                    yield RunResult(run, future.result())
+                    samples = self.samples(run) if future is None else future.result()
                 except storage.ShardReadError as exc:
                     self.counters.shards_failed += 1
                     yield RunResult(run, [], exc)
+                else:
+                    yield RunResult(run, samples)
         finally:
             for _, future in pending:
-                future.cancel()
-            executor.shutdown(wait=False, cancel_futures=True)
+                if future is not None:
+                    future.cancel()
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_header(data: bytes, offset: int, size: int, url: str, key: str) -> None:
+    """The ustar header right before a member's data (PAX and GNU long-name records come
+    before it) must parse with a valid checksum and give the member's size."""
+    header = data[offset - tarfile.BLOCKSIZE : offset]
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise _stale(url, f"has no valid tar header before a member of {key!r} ({exc})") from None
+    if info.size != size:
+        raise _stale(url, f"holds a member of {key!r} of {info.size} bytes, its index {size}")
 
 
 def _stale(url: str, what: str) -> StaleIndexError:

@@ -98,6 +98,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def is_local_url(url: str) -> bool:
+    """A plain path or file:// URL (what open_shard opens as a local file)."""
+    return fsspec.core.split_protocol(url)[0] in _LOCAL_PROTOCOLS
+
+
 def join(base: str, *names: str) -> str:
     """Join path pieces with '/', which every fsspec filesystem (local included) accepts."""
     return posixpath.join(base, *names) if base else posixpath.join(*names)

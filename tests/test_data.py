@@ -199,6 +199,11 @@ def test_more_readers_than_shards_every_sample_once_per_epoch_for_three_epochs(
         left_out.append(two_shards.keys - set(delivered))
         assert len(left_out[-1]) == 4
     assert left_out[0] != left_out[1] != left_out[2]
+    # Local shards are read by seeks: by default every sample is placed on its own.
+    default = build_train_loader(
+        data_config(two_shards.pattern, span_samples=None), tokenizer, 0, 4, 0
+    )
+    assert default.state_dict()["span_samples"] == 1
     with pytest.raises(ValueError, match="less than one global batch"):
         build_train_loader(data_config(two_shards.pattern, batch_size=64), tokenizer, 0, 4, seed=0)
     with pytest.raises(ValueError, match="multiple of the 3 canonical nodes"):
@@ -464,6 +469,13 @@ def test_a_shard_changed_after_indexing_is_an_error_naming_the_tool(
         data_config(str(copy / Path(even.pattern).name), num_workers=0), tokenizer, 0, 1, seed=0
     )
     with pytest.raises(ValueError, match=r"000003\.tar is \d+ bytes, its index says.*index_shards"):
+        collect(loader)
+    # Rewritten at the same size (a member's header changed): caught by its checksum.
+    shard.write_bytes((even.root / shard.name).read_bytes().replace(b"0000444", b"0000400", 1))
+    loader = build_train_loader(
+        data_config(str(copy / Path(even.pattern).name), num_workers=0), tokenizer, 0, 1, seed=0
+    )
+    with pytest.raises(ValueError, match=r"000003\.tar has no valid tar header.*index_shards"):
         collect(loader)
 
 

@@ -75,6 +75,9 @@ def test_s3_epoch_over_two_ranks_is_exactly_the_dataset(
         assert totals["shard_requests"] <= totals["runs_read"] + 2 * 8
         assert totals["shard_retries"] == totals["shard_shards_failed"] == 0
     assert len(delivered) == 64 and set(delivered) == keys
+    # Streamed from object storage, runs default to 32 samples (one request each).
+    default = build_train_loader(data_config(pattern, span_samples=None), tokenizer, 0, 2, 0)
+    assert default.state_dict()["span_samples"] == 32
 
 
 def test_s3_faults_are_retried_and_every_sample_arrives_once(
