@@ -6,10 +6,11 @@ sample-exact order (pmc_clip/sample_order.py).
 
 The data: --num-shards shards of --shard-size samples (the last one shorter), samples in
 the order make_shards writes them without --shuffle: the input's order, where the
-subfigures of one article are neighbours (--shuffled-shards: make_shards --shuffle) (1 + Poisson(3.3) pairs an article: PMC-OA's 4.3
-pairs per figure). Per global batch (batch x ranks samples) and per rank batch it prints
-the mean number of distinct shards and articles, and over --epochs epochs the share of
-distinct samples delivered and of repeats within an epoch.
+subfigures of one article are neighbours (1 + Poisson(3.3) pairs an article: PMC-OA's 4.3
+pairs per figure; --shuffled-shards: rows in random order, as make_shards --shuffle).
+Per global batch (batch x ranks samples) and per rank batch it prints the mean number
+of distinct shards and articles, and over --epochs epochs the share of distinct samples
+delivered, of repeats within an epoch, and where in their shards the samples sat.
 
   old      the stream this project had before sample-exact epochs, with the 8-node
            script's --dataset-resampled (without it, fewer shards than readers was
