@@ -63,7 +63,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
@@ -79,7 +78,6 @@ from pmc_clip.tokenize import CaptionTokenizer
 
 _log = logging.getLogger(__name__)
 
-SOURCE_SEPARATOR = "::"
 SIZE_FILES = ("sizes.json", "manifest.json")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -134,14 +132,6 @@ class Dataset:
             if source.shard_sizes is not None and url in source.shard_sizes:
                 return source.shard_sizes[url]
         return None
-
-
-def expand_spec(spec: str) -> list[list[str]]:
-    """Split a shard spec at `::` and brace-expand each source."""
-    sources = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
-    if not spec.strip() or any(not part for part in sources):
-        raise ValueError(f"empty shard source in {storage.redact_url(spec)!r}")
-    return [list(braceexpand.braceexpand(part)) for part in sources]
 
 
 def read_shard_sizes(urls: list[str]) -> dict[str, int] | None:
@@ -201,11 +191,13 @@ def resolve_dataset(
     upsampling factor x samples in the source's manifest. Without `need_sizes` (training:
     the shard indexes know the counts) a source without a manifest is no error.
     """
-    expanded = expand_spec(spec)
+    expanded = storage.expand_spec(spec)
     weights = weights or tuple(1.0 for _ in expanded)
     assert len(weights) == len(expanded), (weights, len(expanded))
     sources = []
-    for part, urls, weight in zip(spec.split(SOURCE_SEPARATOR), expanded, weights, strict=True):
+    for part, urls, weight in zip(
+        spec.split(storage.SOURCE_SEPARATOR), expanded, weights, strict=True
+    ):
         sizes = None if num_samples_override is not None else read_shard_sizes(urls)
         if sizes is None and num_samples_override is None and need_sizes:
             raise ValueError(

@@ -20,13 +20,11 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-import braceexpand
 import fsspec
 from tqdm import tqdm
 
 from pmc_clip import shard_index, storage
 
-SOURCE_SEPARATOR = "::"
 # Connect/read timeout of one object-store request (a stall becomes a retry).
 _STORE_TIMEOUT_SECONDS = 120.0
 # s3fs fetches this much per request while tarfile reads the shard sequentially.
@@ -35,10 +33,7 @@ _READ_BLOCK_BYTES = 16 * 1024 * 1024
 
 def expand_shards(spec: str) -> list[str]:
     """`::`-joined brace patterns -> shard URLs, each checked to name a `.tar`."""
-    sources = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
-    if any(not source for source in sources):
-        raise ValueError(f"empty shard source in {storage.redact_url(spec)!r}")
-    urls = [url for source in sources for url in braceexpand.braceexpand(source)]
+    urls = [url for source in storage.expand_spec(spec) for url in source]
     for url in urls:
         shard_index.index_url(url)  # ValueError for anything but a .tar
     return urls

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -63,6 +64,18 @@ def redact_url(url: str) -> str:
         )
         parts.append(urlunsplit((split.scheme, netloc, split.path, query, split.fragment)))
     return "::".join(parts)
+
+
+SOURCE_SEPARATOR = "::"  # between the sources of a shard spec
+
+
+def expand_spec(spec: str) -> list[list[str]]:
+    """A shard spec -> its sources' URLs: split at `::` (one source each), brace-expanded
+    (`pmc-oa-train-{000000..000131}.tar`)."""
+    sources = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
+    if not spec.strip() or any(not part for part in sources):
+        raise ValueError(f"empty shard source in {redact_url(spec)!r}")
+    return [list(braceexpand.braceexpand(part)) for part in sources]
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

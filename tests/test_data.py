@@ -33,14 +33,13 @@ from helpers_data import (
 )
 from PIL import Image
 
-from pmc_clip import shard_index, transforms
+from pmc_clip import shard_index, storage, transforms
 from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
 from pmc_clip.data import (
     POOL_SLOTS_BEYOND_PREFETCH,
     TrainLoader,
     build_eval_loader,
     build_train_loader,
-    expand_spec,
 )
 from pmc_clip.tokenize import CaptionTokenizer
 
@@ -483,7 +482,7 @@ def test_sources_joined_with_double_colon_weights_and_no_pipe(
     even: Shards, uneven: Shards, tokenizer: CaptionTokenizer
 ) -> None:
     spec = f"{even.pattern}::{uneven.pattern}"
-    assert [len(urls) for urls in expand_spec(spec)] == [16, 23]
+    assert [len(urls) for urls in storage.expand_spec(spec)] == [16, 23]
     loader = build_train_loader(data_config(spec), tokenizer, 0, 1, seed=0)
     assert loader.num_samples == 320  # both manifests read
     with pytest.raises(ValueError, match="needs --dataset-resampled"):
@@ -505,7 +504,7 @@ def test_sources_joined_with_double_colon_weights_and_no_pipe(
 
 def test_spec_and_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="empty shard source"):
-        expand_spec("a-{0..1}.tar::")
+        storage.expand_spec("a-{0..1}.tar::")
     with pytest.raises(ValueError, match="--crop-scale"):
         DataConfig(crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="--batch-size"):
