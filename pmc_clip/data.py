@@ -807,7 +807,11 @@ class ShardStream(IterableDataset):
             )
         if self._reader is None:
             self._reader = RunReader(
-                spec.shards.urls, self.filesystems, counters.read, KEPT_EXTENSIONS
+                spec.shards.urls,
+                spec.shards.num_samples,
+                self.filesystems,
+                counters.read,
+                KEPT_EXTENSIONS,
             )
         self._reader.counters = counters.read  # this pass's counters
         decoder = SampleDecoder(
@@ -1102,11 +1106,10 @@ def build_train_loader(
     if config.train_data is None:
         raise ValueError("--train-data is required for training")
     _check_rank(rank, world_size)
+    # Counts from the manifests (or, without one, the indexes); --train-num-samples is
+    # the epoch length of plan_train_epoch, not a shard count.
     dataset = resolve_dataset(
-        config.train_data,
-        config.train_num_samples,
-        config.train_data_upsampling_factors,
-        need_sizes=False,
+        config.train_data, None, config.train_data_upsampling_factors, need_sizes=False
     )
     shards = train_shards(dataset, config)
     plan = plan_train_epoch(shards, config, world_size, ranks_per_node, seed)

@@ -61,11 +61,13 @@ class RunReader:
     def __init__(
         self,
         urls: tuple[str, ...],
+        num_samples: tuple[int, ...],
         filesystems: storage.ShardFilesystems,
         counters: storage.ShardReadCounters,
         extensions: frozenset[str],
     ) -> None:
-        self.urls, self.filesystems, self.counters = urls, filesystems, counters
+        self.urls, self.num_samples = urls, num_samples  # the counts the order was made of
+        self.filesystems, self.counters = filesystems, counters
         self.options = filesystems.options
         self.extensions = extensions
         self._indexes: dict[int, shard_index.ShardIndex] = {}
@@ -80,7 +82,16 @@ class RunReader:
         if shard not in self._indexes:
             url = shard_index.index_url(self.urls[shard])
             data = self._read_small(url)
-            self._indexes[shard] = shard_index.ShardIndex.from_bytes(data, storage.redact_url(url))
+            index = shard_index.ShardIndex.from_bytes(data, storage.redact_url(url))
+            if index.num_samples != self.num_samples[shard]:
+                shard_url = storage.redact_url(self.urls[shard])
+                raise StaleIndexError(
+                    f"{shard_url} has {index.num_samples} samples by its index and "
+                    f"{self.num_samples[shard]} by the sizes.json/manifest.json beside it: one "
+                    "of them belongs to another version of the shard. Rebuild the index "
+                    f"({INDEX_TOOL} --force '{shard_url}') or the manifest"
+                )
+            self._indexes[shard] = index
         return self._indexes[shard]
 
     def _read_small(self, url: str) -> bytes:
