@@ -262,15 +262,22 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
     """Milliseconds per sample of each stage of ours, in this process, one thread."""
     import braceexpand
     import torch
-    import webdataset as wds
     from PIL import Image
 
-    from pmc_clip import transforms
-    from pmc_clip.data import BatchBuilder, keep_known_members, sample_rng, shard_urls
+    from pmc_clip import shard_index, storage, transforms
+    from pmc_clip.data import KEPT_EXTENSIONS, BatchBuilder, sample_rng
+    from pmc_clip.sample_order import Run
+    from pmc_clip.shard_runs import RunReader
     from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
     torch.set_num_threads(1)
-    urls = list(braceexpand.braceexpand(pattern))[:num_shards]
+    urls = tuple(braceexpand.braceexpand(pattern))[:num_shards]
+    counts = []
+    for url in urls:
+        with open(shard_index.index_url(url), "rb") as file:
+            counts.append(shard_index.ShardIndex.from_bytes(file.read(), url).num_samples)
+    # One-sample runs, as training reads local shards (span 1).
+    runs = [Run(s, i, i + 1, 0, 0) for s, n in enumerate(counts) for i in range(n)]
     tokenizer = CaptionTokenizer(load_tokenizer(str(tokenizer_dir)), 77, mlm_probability=0.15)
     best: dict[str, float] = {}
 
@@ -278,10 +285,17 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
         best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / count)
 
     for _ in range(4):
+        reader = RunReader(
+            urls,
+            tuple(counts),
+            storage.ShardFilesystems(storage.ShardReadOptions()),
+            storage.ShardReadCounters(),
+            KEPT_EXTENSIONS,
+        )
         start = time.perf_counter()
-        pipeline = wds.DataPipeline(shard_urls(urls), wds.tarfile_to_samples(), keep_known_members)
-        samples = list(pipeline)
-        timed("tar parsing", start, len(samples))
+        samples = [sample for result in reader.read_all(runs) for sample in result.samples]
+        timed("run reads", start, len(samples))
+        reader.close()
         start = time.perf_counter()
         images = []
         for sample in samples:
