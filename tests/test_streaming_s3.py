@@ -159,6 +159,32 @@ def test_s3_unreadable_shard_is_skipped_counted_and_redacted(
     assert "testing-secret-key" not in caplog.text and "testing-key-id" not in caplog.text
 
 
+def test_s3_unreadable_shard_in_training_is_substituted_counted_and_named(
+    figures: tuple[str, str],
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    tokenizer: CaptionTokenizer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Training batches stay full (every rank's collectives need the same shapes): the
+    runs of a shard that fails every retry are replaced by other samples of their batch,
+    counted, and the warning names the shard (redacted)."""
+    pattern, keys = s3_shards(figures, s3_bucket)
+    fault_proxy.always_fail = ("pmc-oa-train-000003.tar",)
+    cfg = data_config(pattern, batch_size=16, num_workers=0, read_max_attempts=2)
+    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    with caplog.at_level(logging.WARNING):
+        batches = collect(loader)
+    assert [len(batch["keys"]) for batch in batches] == [16] * 4
+    delivered = keys_of(batches)
+    totals = loader.meter.totals()
+    assert totals["samples_substituted"] == 8  # shard 3's samples
+    assert len(set(delivered)) == 64 - 8 and set(delivered) < keys
+    assert totals["stream_errors"] == totals["shard_shards_failed"] == 2  # its two runs
+    assert "pmc-oa-train-000003.tar" in caplog.text and "failed 2 times" in caplog.text
+    assert "testing-secret-key" not in caplog.text and "testing-key-id" not in caplog.text
+
+
 def test_s3_cache_dir_downloads_each_shard_once(
     figures: tuple[str, str], s3_bucket: str, tokenizer: CaptionTokenizer, tmp_path: Path
 ) -> None:
