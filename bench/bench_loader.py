@@ -331,16 +331,21 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and loader set-up this bench and bench_resume.py share."""
     parser.add_argument("--out", default=str(REPO / "bench_out" / "loader"))
     parser.add_argument("--num-articles", type=int, default=500)  # x 6 figures
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     parser.add_argument("--repeats", type=int, default=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     parser.add_argument(
         "--epochs", type=int, default=3, help="epochs per run, one loader (worker pool) each"
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_loader import caption_tokenizer, prepare  # noqa: E402
+from bench_loader import add_data_arguments, caption_tokenizer, prepare  # noqa: E402
 
 
 def first_batch_seconds(
@@ -55,13 +55,7 @@ def first_batch_seconds(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "bench_out" / "loader"))
-    parser.add_argument("--num-articles", type=int, default=500)  # x 6 figures
-    parser.add_argument("--shard-size", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_data_arguments(parser)
     args = parser.parse_args(argv)
     pattern, tokenizer_dir, num_samples = prepare(
         Path(args.out), args.num_articles, args.shard_size
