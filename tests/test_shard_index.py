@@ -133,6 +133,36 @@ def test_make_shards_writes_the_index_the_tool_builds_and_webdataset_agrees(
         assert ShardIndex.from_bytes(data, name) == ShardIndex.from_bytes(written[name], name)
 
 
+def test_index_of_shardwriter_shards_equals_make_shards_index_for_the_same_samples(
+    tmp_path: Path,
+) -> None:
+    """The samples of make_shards' shards written again by webdataset's ShardWriter (as an
+    OpenCLIP user's own script would), indexed by the tool: the same index, shard by
+    shard (the same keys, members, sizes and offsets: both write 512-byte ustar headers, a
+    PAX header only for the long key)."""
+    out, manifest = _make_shards_output(tmp_path)
+    rewritten = tmp_path / "rewritten"
+    rewritten.mkdir()
+    shards = sorted(out.glob("*.tar"))
+    for number, shard in enumerate(shards):
+        samples = _webdataset_samples(shard.read_bytes())
+        # An integer mtime, as make_shards writes: webdataset's default float time adds a
+        # PAX header to every member (other offsets, the same samples).
+        name = str(rewritten / f"w-{number:06d}-%d.tar")
+        with wds.ShardWriter(name, verbose=0, mtime=0) as sink:
+            for sample in samples:
+                sink.write({k: v for k, v in sample.items() if k != "__url__"})
+    pattern = str(rewritten / f"w-{{000000..{len(shards) - 1:06d}}}-0.tar")
+    assert index_shards.main([pattern]) == 0
+    for number, shard in enumerate(shards):
+        ours = read_index(fsspec.filesystem("file"), index_url(str(shard)), "ours")
+        theirs = read_index(
+            fsspec.filesystem("file"), str(rewritten / f"w-{number:06d}-0.idx"), "theirs"
+        )
+        assert theirs == ours, shard.name
+    assert manifest["rows"]["written"] == 5
+
+
 def _gnu_tar_with_extras(samples: list[dict[str, Any]]) -> bytes:
     """A GNU-format tar (long names as GNU longname blocks) with what webdataset skips
     between samples: a folder, a `__meta__` file, a symlink; and an upper-case suffix."""
