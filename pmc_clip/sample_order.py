@@ -149,11 +149,17 @@ class Placement:
 
 
 class StreamOrder:
-    """One canonical stream in one epoch: runs of consecutive samples laid end to end."""
+    """One canonical stream in one epoch: runs of consecutive samples laid end to end.
+
+    Memory: 20 bytes a run, in every data-loader worker that reads the stream (with
+    one-sample spans, PMC-OA's 1.3M samples on 8 nodes: 3.3 MB a worker; 24M: 60 MB)."""
 
     def __init__(self, shard: np.ndarray, first: np.ndarray, length: np.ndarray) -> None:
-        self.shard, self.first, self.length = shard, first, length
-        self.ends = np.cumsum(length)  # stream position just past each run
+        # int32: shard numbers, sample numbers within a shard and run lengths are small.
+        self.shard = shard.astype(np.int32)
+        self.first = first.astype(np.int32)
+        self.length = length.astype(np.int32)
+        self.ends = np.cumsum(length, dtype=np.int64)  # stream position just past each run
 
     @property
     def num_positions(self) -> int:
