@@ -51,9 +51,10 @@ class DataConfig:
     # Canonical nodes of the sample order; None: this run's node count (world size /
     # ranks per node). The order of an epoch depends on it, never on the world size.
     num_canonical_nodes: int | None = None
-    # Streaming reads of fsspec shards: range requests of this size, one prefetched ahead.
+    # Reads of fsspec shards: range requests of at most this size, fetched ahead.
     read_chunk_bytes: int = 16 * 1024 * 1024
-    read_max_attempts: int = 6  # per request, then the shard is skipped with a warning
+    # Per request; then a val shard is skipped, a train run's samples substituted (warned).
+    read_max_attempts: int = 6
     read_backoff_seconds: float = 0.5  # first retry delay; doubles, with jitter
     read_backoff_max_seconds: float = 30.0
     read_timeout_seconds: float = 60.0  # a stalled connection counts as a transient error
