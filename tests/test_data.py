@@ -289,7 +289,7 @@ def test_resume_continues_the_stream_exactly(
     loader = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
     full = collect(loader)
     assert loader.state_dict()["samples_consumed"] == 16 * len(full) == 160
-    for step in (3, 4):  # resume on either worker's turn
+    for step in (3, 4, 9):  # on either worker's turn, and at 90% of the epoch
         interrupted = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
         head = take(interrupted, step)
         state = interrupted.state_dict()
