@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
-from helpers_train import DEADLINE_SECONDS, REPO, build_train_data, metrics_by_step, run, train_args
+from helpers_train import (
+    DEADLINE_SECONDS,
+    REPO,
+    build_train_data,
+    metrics_by_step,
+    run,
+    train_args,
+    train_command,
+)
 
 from pmc_clip import checkpoint, distributed
 from pmc_clip.config import parse_run_config
@@ -111,6 +119,32 @@ def test_two_process_training_learns_and_resumes_bit_identically(
                 step,
                 name,
             )
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_mid_epoch_resumes_on_one_rank(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """Requeued on fewer ranks: the 2-rank run's step-3 checkpoint (24 of epoch 0's 64
+    samples consumed) continues on one rank with the rest of that epoch, 40 samples in 10
+    steps of 4, then a whole epoch of 16."""
+    straight = _torchrun(
+        train_args(data, tmp_path, "two", "--save-every-n-steps", "3", "--epochs", "1")
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint_path = tmp_path / "two" / "checkpoints" / "step_3.pt"
+    resumed = run(
+        train_command(*train_args(data, tmp_path, "one", "--resume", str(checkpoint_path)))
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (tmp_path / "one" / "out.log").read_text()
+    assert "world size 1" in log and "saved by 2 ranks, resumed on 1" in log
+    steps = sorted(metrics_by_step(tmp_path / "one"))
+    assert steps == list(range(4, 4 + 10 + 16)), steps
+    evals = [
+        json.loads(line) for line in (tmp_path / "one" / "eval.jsonl").read_text().splitlines()
+    ]
+    assert [e["step"] for e in evals] == [13, 29]
 
 
 @pytest.mark.slow
