@@ -172,10 +172,28 @@ def _read_folder_sizes(folder: str) -> dict[str, int] | None:
                 f"cannot read {storage.redact_url(storage.join(folder, name))}: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
-        if name == "sizes.json":
-            return {str(k): int(v) for k, v in document.items()}
-        return {str(s["name"]): int(s["count"]) for s in document["shards"]}
+        where = storage.redact_url(storage.join(folder, name))
+        try:
+            if name == "sizes.json":
+                pairs = list(document.items())
+            else:
+                pairs = [(s["name"], s["count"]) for s in document["shards"]]
+        except (AttributeError, KeyError, TypeError):
+            raise ValueError(
+                f"{where} is not a {name} (shard name -> sample count); regenerate it"
+            ) from None
+        return {str(shard): _sample_count(count, where, shard) for shard, count in pairs}
     return None
+
+
+def _sample_count(value: Any, where: str, shard: str) -> int:
+    """A manifest's sample count: a non-negative integer (not a float, bool or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{where}: the sample count of {shard!r} is {json.dumps(value)}, not a "
+            "non-negative integer; regenerate the manifest (make_shards) or fix the file"
+        )
+    return value
 
 
 def resolve_dataset(
@@ -336,6 +354,8 @@ class WorkerCounters:
     # Samples a shard's manifest count promised but the shard did not hold (a tar cut at
     # a member boundary reads as a shorter, valid archive: only the count shows the loss).
     samples_missing: int = 0
+    # Samples a val shard held beyond its manifest count (the manifest is of another version).
+    samples_unlisted: int = 0
     # Batch image buffers allocated in shared memory; once the pool is warm only a consumer
     # that keeps batches alive (or more of them than the pool holds) makes this grow.
     batch_buffers_allocated: int = 0
@@ -400,17 +420,26 @@ def check_shard_counts(
     expected_count: Callable[[str], int | None], counters: WorkerCounters
 ) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
     """Pass samples through; where a shard yields fewer samples than its manifest count,
-    warn and count the missing ones (samples_missing). Shards without a count, and a
-    shard that failed outright (already a stream error), are not checked."""
-    warn = _RateLimitedWarning("short shard")
+    warn and count the missing ones (samples_missing), where more, the unlisted ones
+    (samples_unlisted). Shards without a count, and a shard that failed outright (already
+    a stream error), are not checked."""
+    warn = _RateLimitedWarning("shard count")
 
     def check(url: str | None, count: int) -> None:
         expected = expected_count(url) if url is not None else None
-        if expected is not None and count < expected:
+        if expected is None or count == expected:
+            return
+        if count < expected:
             counters.samples_missing += expected - count
             warn(
                 f"{storage.redact_url(url or '?')} ended after {count} of its {expected} "
                 "samples (truncated?)"
+            )
+        else:
+            counters.samples_unlisted += count - expected
+            warn(
+                f"{storage.redact_url(url or '?')} holds {count} samples, its manifest lists "
+                f"{expected} (a manifest of another version?)"
             )
 
     def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -465,6 +494,8 @@ class SampleProcessor:
         if "txt" not in sample:
             raise ValueError("no .txt caption member")
         caption = sample["txt"].decode("utf-8")  # strict: a non-UTF-8 caption is bad
+        if not caption.strip():
+            raise ValueError("empty caption")  # nothing to contrast the image with
         with Image.open(io.BytesIO(sample[image_ext]), formats=PIL_FORMATS) as image:
             if self.crop_scale is None:
                 pixels = transforms.eval_transform(image, self.image_size)

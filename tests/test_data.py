@@ -399,10 +399,11 @@ def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
         {"__key__": b"notutf8", "jpg": _jpeg(), "txt": b"\xff\xfe caption"},
         {"__key__": b"noimage", "txt": b"caption only"},
         {"__key__": b"pngasjpg", "jpg": b"GIF89a not an allowed format", "txt": b"x"},
+        {"__key__": b"blank", "jpg": _jpeg(), "txt": b" \n\t "},  # nothing to contrast
     ]
     _write_tar(tmp_path / "mixed-0.tar", good[:3] + bad[:2])
     _write_tar(tmp_path / "mixed-1.tar", good[3:] + bad[2:])
-    (tmp_path / "sizes.json").write_text(json.dumps({"mixed-0.tar": 5, "mixed-1.tar": 5}))
+    (tmp_path / "sizes.json").write_text(json.dumps({"mixed-0.tar": 5, "mixed-1.tar": 6}))
     cfg = data_config(None, val_data=str(tmp_path / "mixed-{0..1}.tar"), num_workers=0)
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING, logger="pmc_clip.data"):
@@ -410,24 +411,25 @@ def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
     assert sorted(keys_of(batches)) == [f"good{i}" for i in range(6)]
     totals = loader.meter.totals()
     assert (totals["samples_read"], totals["samples_bad"], totals["samples_delivered"]) == (
-        10, 4, 6
+        11, 5, 6
     )  # fmt: skip
     assert not marker.exists()
     assert "bad sample" in caplog.text and "notutf8" in caplog.text
-    # Training: every step is a whole batch; the 4 bad samples are replaced by good ones of
+    assert "'blank' in" in caplog.text and "empty caption" in caplog.text
+    # Training: every step is a whole batch; the 5 bad samples are replaced by good ones of
     # their batch and counted.
     for shard in tmp_path.glob("mixed-*.tar"):
         with open(shard, "rb") as file:
             index = shard_index.build_index(file, shard.stat().st_size)
         shard.with_suffix(".idx").write_bytes(index.to_bytes())
-    train = data_config(str(tmp_path / "mixed-{0..1}.tar"), batch_size=5, num_workers=0)
+    train = data_config(str(tmp_path / "mixed-{0..1}.tar"), batch_size=11, num_workers=0)
     loader = build_train_loader(train, tokenizer, 0, 1, seed=0)
     batches = collect(loader)
-    assert [len(batch["keys"]) for batch in batches] == [5, 5]
+    assert [len(batch["keys"]) for batch in batches] == [11]
     assert set(keys_of(batches)) <= {f"good{i}" for i in range(6)}
     totals = loader.meter.totals()
     assert (totals["samples_read"], totals["samples_bad"], totals["samples_substituted"]) == (
-        10, 4, 4
+        11, 5, 5
     )  # fmt: skip
     assert not marker.exists()
 
@@ -500,6 +502,20 @@ def test_sources_joined_with_double_colon_weights_and_no_pipe(
     first = f"{even.root}/pmc-oa-train-000000.tar"
     with pytest.raises(ValueError, match="pipe: command cannot serve"):
         build_train_loader(data_config(f"pipe:cat {first}"), tokenizer, 0, 1, seed=0)
+
+
+@pytest.mark.parametrize("count", [4.5, True, None, "8", [8], -1])
+def test_manifest_counts_must_be_non_negative_integers(
+    even: Shards, tmp_path: Path, tokenizer: CaptionTokenizer, count: Any
+) -> None:
+    for path in even.root.glob("pmc-oa-train-00000[01].*"):
+        (tmp_path / path.name).symlink_to(path)
+    sizes = {"pmc-oa-train-000000.tar": 10, "pmc-oa-train-000001.tar": count}
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    with pytest.raises(ValueError, match=r"sizes\.json: the sample count of 'pmc-oa-train-000001"):
+        build_train_loader(
+            data_config(str(tmp_path / "pmc-oa-train-{000000..000001}.tar")), tokenizer, 0, 1, 0
+        )
 
 
 def test_spec_and_config_errors_are_clear() -> None:

@@ -6,6 +6,7 @@ skipped, and nothing hangs (every read runs under a deadline)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 from pathlib import Path
@@ -125,3 +126,25 @@ def test_shard_truncated_at_a_sample_boundary_is_reported(
     totals = loader.meter.totals()
     assert totals["samples_missing"] == 6, totals  # counted against the manifest's 8
     assert f"{TRUNCATED} ended after 2 of its 8 samples" in caplog.text
+
+
+def test_shard_holding_more_samples_than_its_manifest_lists_is_reported(
+    figures: tuple[str, str],
+    tokenizer: CaptionTokenizer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    local = tmp_path / "shards"
+    manifest = write_shards(*figures, output=str(local), shard_size=8)
+    sizes = json.loads((local / "sizes.json").read_text())
+    sizes[TRUNCATED] = 5  # a manifest of another version of the shard
+    (local / "sizes.json").write_text(json.dumps(sizes))
+    pattern = str(local / manifest["splits"]["train"]["pattern"])
+    cfg = DataConfig(val_data=pattern, val_batch_size=5, num_workers=0, image_size=IMAGE_SIZE)
+    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    with caplog.at_level(logging.WARNING):
+        delivered = keys_of(collect(loader, seconds=60))
+    assert len(delivered) == 32  # every sample the shards hold
+    totals = loader.meter.totals()
+    assert totals["samples_unlisted"] == 3 and totals["samples_missing"] == 0, totals
+    assert f"{TRUNCATED} holds 8 samples, its manifest lists 5" in caplog.text
