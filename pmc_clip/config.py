@@ -58,6 +58,11 @@ class DataConfig:
     read_backoff_seconds: float = 0.5  # first retry delay; doubles, with jitter
     read_backoff_max_seconds: float = 30.0
     read_timeout_seconds: float = 60.0  # a stalled connection counts as a transient error
+    # Longest wait for a data-loader worker's next batch before the run stops with an
+    # error (a stuck worker must not stall a 64-GPU job). Must outlast a run's retries
+    # (read_max_attempts x (read_timeout_seconds + read_backoff_max_seconds), ~9 min by
+    # default) and, with cache_dir, the first download of a node's shards.
+    batch_timeout_seconds: float = 1800.0
     # Node-local folder that keeps a copy of every remote shard the node reads (shared
     # by the node's ranks and workers); None: read remote shards by range requests.
     cache_dir: str | None = None
@@ -104,6 +109,8 @@ class DataConfig:
             raise ValueError("--read-backoff-seconds must be >= 0")
         if self.read_timeout_seconds <= 0:
             raise ValueError("--read-timeout-seconds must be > 0")
+        if self.batch_timeout_seconds <= 0:
+            raise ValueError("--data-timeout-seconds must be > 0")
         factors = self.train_data_upsampling_factors
         if factors is not None:
             if any(f <= 0 for f in factors):
@@ -324,6 +331,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--num-canonical-nodes", "data", "num_canonical_nodes", {"type": int}),
     ("--cache-dir", "data", "cache_dir", {}),
     ("--cache-limit-bytes", "data", "cache_limit_bytes", {"type": int}),
+    ("--data-timeout-seconds", "data", "batch_timeout_seconds", {"type": float}),
     ("--image-dir|--image_dir", "data", "image_dir", {}),
     ("--csv-img-key", "data", "csv_img_key", {}),
     ("--csv-caption-key", "data", "csv_caption_key", {}),

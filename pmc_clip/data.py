@@ -953,6 +953,9 @@ class _Loader:
             pin_memory=config.pin_memory and torch.cuda.is_available(),
             prefetch_factor=config.prefetch_factor if num_workers else None,
             persistent_workers=self.persistent_workers and num_workers > 0,
+            # A worker that hangs (a read that never returns) becomes an error in this
+            # process instead of a stalled job; without workers there is nothing to wait on.
+            timeout=config.batch_timeout_seconds if num_workers else 0,
             # Every random choice in the stream is seeded explicitly; a private generator
             # keeps the DataLoader from drawing its base seed from the global torch RNG,
             # which the trainer restores on resume for dropout (bit-identical resumes).

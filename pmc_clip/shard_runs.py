@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,6 +135,8 @@ class RunReader:
                 file = self._open(run.shard)
                 file.seek(start)
                 data = file.read(end - start)
+            except storage.ShardReadError:
+                raise
             except OSError as exc:
                 raise storage.ShardReadError(
                     f"read {storage.redact_url(url)}: {storage.describe_error(exc, url)}"
@@ -156,11 +159,18 @@ class RunReader:
         url, size = self.urls[shard], self.index(shard).shard_bytes
         fs, path = self._fs(url)
         if storage.is_local(fs):
-            file: IO[bytes] = open(path, "rb")  # noqa: SIM115 -- kept open, closed on eviction
-            actual = os.fstat(file.fileno()).st_size
-            if actual != size:
+            # Non-blocking open: a FIFO (or a device) in place of a shard is refused at
+            # once instead of blocking the worker until a writer appears.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                os.close(fd)
+                raise storage.ShardReadError(f"read {storage.redact_url(url)}: not a regular file")
+            os.set_blocking(fd, True)
+            file: IO[bytes] = os.fdopen(fd, "rb")  # kept open, closed on eviction
+            if status.st_size != size:
                 file.close()
-                raise _stale(url, f"is {actual} bytes, its index says {size}")
+                raise _stale(url, f"is {status.st_size} bytes, its index says {size}")
         else:
             # Only one cached copy open at a time: an open copy keeps its disk space after
             # an eviction, and 64 readers a node holding many would overrun the limit.

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -478,6 +479,23 @@ def test_a_shard_changed_after_indexing_is_an_error_naming_the_tool(
     )
     with pytest.raises(ValueError, match=r"000003\.tar has no valid tar header.*index_shards"):
         collect(loader)
+
+
+def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(
+    even: Shards, tmp_path: Path, tokenizer: CaptionTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    for path in even.root.iterdir():
+        if path.is_file():
+            (tmp_path / path.name).symlink_to(path)
+    (tmp_path / "pmc-oa-train-000003.tar").unlink()
+    os.mkfifo(tmp_path / "pmc-oa-train-000003.tar")  # opening it would wait for a writer
+    cfg = data_config(str(tmp_path / Path(even.pattern).name), num_workers=0)
+    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    with caplog.at_level(logging.WARNING):
+        batches = collect(loader, seconds=60)
+    assert len(batches) == 20 and all(len(batch["keys"]) == 8 for batch in batches)
+    assert loader.meter.totals()["samples_substituted"] == 10  # the shard's samples
+    assert "000003.tar: not a regular file" in caplog.text
 
 
 def test_sources_joined_with_double_colon_weights_and_no_pipe(

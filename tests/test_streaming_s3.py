@@ -185,6 +185,24 @@ def test_s3_unreadable_shard_in_training_is_substituted_counted_and_named(
     assert "testing-secret-key" not in caplog.text and "testing-key-id" not in caplog.text
 
 
+def test_a_stuck_read_stops_the_loader_after_the_data_timeout(
+    figures: tuple[str, str],
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    tokenizer: CaptionTokenizer,
+) -> None:
+    """A worker whose read never returns (here: every shard GET stalls longer than the
+    read timeout allows for) is an error after --data-timeout-seconds, not a stalled job."""
+    pattern, _ = s3_shards(figures, s3_bucket)
+    fault_proxy.fail_every, fault_proxy.actions, fault_proxy.stall_seconds = 1, ("stall",), 30
+    cfg = data_config(pattern, num_workers=1, read_timeout_seconds=60, batch_timeout_seconds=2)
+    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        collect(loader, seconds=60)
+    assert time.monotonic() - started < 20
+
+
 def test_s3_cache_dir_downloads_each_shard_once(
     figures: tuple[str, str], s3_bucket: str, tokenizer: CaptionTokenizer, tmp_path: Path
 ) -> None:
