@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pmc_clip.storage import redact_url
+from pmc_clip.storage import redact_url, refuse_url_credentials
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,6 +75,12 @@ class DataConfig:
     csv_separator: str = ","
 
     def __post_init__(self) -> None:
+        for flag, url in (
+            ("--train-data", self.train_data),
+            ("--val-data", self.val_data),
+            ("--image-dir", self.image_dir),
+        ):
+            refuse_url_credentials(flag, url)
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.val_batch_size is not None and self.val_batch_size < 1:
@@ -225,6 +231,10 @@ class CheckpointConfig:
     pmc_clip_beta: str | None = None  # local path or URL of the released checkpoint.pt
 
     def __post_init__(self) -> None:
+        refuse_url_credentials("--checkpoint-dir", self.checkpoint_dir, written=True)
+        refuse_url_credentials("--pmc-clip-beta", self.pmc_clip_beta)
+        if self.resume not in (None, "latest", RELEASED_CHECKPOINT):
+            refuse_url_credentials("--resume", self.resume)
         if self.save_frequency < 0 or self.save_every_n_steps < 0 or self.save_every_minutes < 0:
             raise ValueError("--save-frequency/--save-every-n-steps/--save-every-minutes >= 0")
         if self.keep_last < 1:

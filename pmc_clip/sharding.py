@@ -113,6 +113,9 @@ class ShardOptions:
         )
 
     def validate(self) -> None:
+        storage.refuse_url_credentials("--input", self.input)
+        storage.refuse_url_credentials("--images", self.images)
+        storage.refuse_url_credentials("--output", self.output, written=True)
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1 sample, got {self.shard_size}")
         if self.max_shard_bytes < 1:

@@ -285,6 +285,42 @@ def retry_call(
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def redacting_errors(what: str, url: str) -> Iterator[None]:
+    """Storage calls on `url`: an error they raise comes out with the URL redacted and
+    unchained (a chained traceback would print the raw error, and botocore quotes a
+    bucket name "KEY:SECRET@bucket"). A missing object stays a FileNotFoundError, so
+    callers can tell it apart; every other error becomes a one-line StorageError naming
+    `what` and the URL. Our own StorageErrors pass unchanged (already redacted)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {redact_url(url)}: no such file or object") from None
+    except Exception as exc:
+        raise StorageError(f"{what} {redact_url(url)}: {describe_error(exc, url)}") from None
+
+
+def refuse_url_credentials(flag: str, url: str | None, written: bool = False) -> None:
+    """Start-up check of a flag's path or URL (every `::` link): credentials in it are a
+    ValueError naming the flag and the redacted URL, where they cannot work or would be
+    copied into object keys. On s3:// s3fs takes `KEY:SECRET@bucket` for the bucket name
+    and a `?token=` for part of the object key; in a folder written to (checkpoints,
+    shards) any query would become part of every key written under it."""
+    if url is None or not _url_secrets(url):
+        return
+    schemes = {urlsplit(piece).scheme for piece in url.split("::")}
+    if not written and not schemes & set(_S3_PROTOCOLS):
+        return  # e.g. a presigned https:// URL, read as given
+    where = "a folder written to" if written else "an s3:// URL"
+    raise ValueError(
+        f"{flag} {redact_url(url)}: {where} cannot carry credentials (user info or a "
+        "token/signature query); drop them from the URL and give them through the "
+        "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or fsspec's config"
+    )
+
+
 def describe_error(exc: BaseException, url: str) -> str:
     """An exception as text, safe to print: any copy of the raw URL is replaced by its
     redacted form, and any copy of its secrets (user info, secret query values) that the
