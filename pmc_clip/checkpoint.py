@@ -60,18 +60,20 @@ def load_pmc_clip_checkpoint(path_or_url: str) -> dict[str, torch.Tensor]:
     path_or_url: a local path, an http(s) URL (cached under torch.hub's directory), or any
     fsspec URL (s3://, gs://, ...).
     """
-    local = _local_copy(path_or_url)
-    if "://" not in local and not os.path.isfile(local):
-        raise ValueError(f"checkpoint {path_or_url!r} does not exist")
-    with (
-        fsspec.open(local, "rb") as file,
-        torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS),
-    ):
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    where = storage.redact_url(path_or_url)
+    try:
+        with (
+            storage.redacting_errors("read the released checkpoint", path_or_url),
+            fsspec.open(_local_copy(path_or_url), "rb") as file,
+            torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS),
+        ):
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {where} does not exist") from None
     state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
         raise ValueError(
-            f"{path_or_url!r} is not a PMC-CLIP checkpoint: expected a dict with a 'state_dict'"
+            f"{where} is not a PMC-CLIP checkpoint: expected a dict with a 'state_dict'"
         )
     return {
         key.removeprefix(DDP_PREFIX): value
@@ -111,7 +113,8 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
         if os.path.exists(staged):
             os.unlink(staged)
         raise OSError(
-            f"could not write checkpoint {storage.redact_url(directory)}/{name}: {e}; "
+            f"could not write checkpoint {storage.redact_url(directory)}/{name}: "
+            f"{storage.describe_error(e, directory)}; "
             f"the previous checkpoint (see {LATEST}) is kept"
         ) from e
     info = {
@@ -171,11 +174,12 @@ def _prune_step_checkpoints(
 
 def resolve_latest(directory: str) -> str | None:
     """URL of the checkpoint `latest.json` points at, or None if there is none yet."""
-    fs, root = storage.url_to_fs(directory)
-    pointer = storage.join(root, LATEST)
-    if not fs.exists(pointer):
-        return None
-    info = json.loads(storage.read_bytes(fs, pointer))
+    with storage.redacting_errors("read", storage.join(directory, LATEST)):
+        fs, root = storage.url_to_fs(directory)
+        pointer = storage.join(root, LATEST)
+        if not fs.exists(pointer):
+            return None
+        info = json.loads(storage.read_bytes(fs, pointer))
     return storage.join(directory, info["name"])
 
 
@@ -183,13 +187,16 @@ def load_checkpoint(path_or_url: str) -> dict[str, Any]:
     """A training checkpoint, loaded with weights_only=True and checked against its
     sha256 sidecar; a missing, partial or corrupt file is a ValueError naming it."""
     where = storage.redact_url(path_or_url)
-    fs, path = storage.url_to_fs(path_or_url)
     try:
-        data = storage.read_bytes(fs, path)
+        with storage.redacting_errors("read checkpoint", path_or_url):
+            fs, path = storage.url_to_fs(path_or_url)
+            data = storage.read_bytes(fs, path)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {where} does not exist") from None
-    if fs.exists(path + ".json"):
-        info = json.loads(storage.read_bytes(fs, path + ".json"))
+    with storage.redacting_errors("read the sha256 sidecar of checkpoint", path_or_url):
+        sidecar = storage.read_bytes(fs, path + ".json") if fs.exists(path + ".json") else None
+    if sidecar is not None:
+        info = json.loads(sidecar)
         if hashlib.sha256(data).hexdigest() != info["sha256"] or len(data) != info["bytes"]:
             raise ValueError(
                 f"checkpoint {where} is corrupt or partial: its sha256/size differ from "

@@ -402,8 +402,8 @@ class Trainer:
             path = self._save(end_of_epoch=False)
             raise TrainingStopped(
                 f"{limit} non-finite steps in a row at step {self.step}: stopping. The last "
-                f"good weights are in {path}. Lower --lr, set --grad-clip-norm, or check "
-                "the data for broken samples"
+                f"good weights are in {storage.redact_url(path)}. Lower --lr, set "
+                "--grad-clip-norm, or check the data for broken samples"
             )
 
     # ------------------------------------------------------------------ logging
@@ -502,7 +502,7 @@ class Trainer:
                     self._state_dict(rng_states),
                     self.config.checkpoint.keep_last,
                 )
-                self.log.info("saved checkpoint %s", url)
+                self.log.info("saved checkpoint %s", storage.redact_url(url))
             except OSError as e:
                 error = str(e)
         if distributed.any_rank(bool(error), self.device, self.world_size):
@@ -546,7 +546,8 @@ class Trainer:
         path = checkpoint.resolve_latest(self.checkpoint_dir) if target == "latest" else target
         if path is None:
             self.log.info(
-                "--resume latest: no checkpoint in %s yet, starting fresh", self.checkpoint_dir
+                "--resume latest: no checkpoint in %s yet, starting fresh",
+                storage.redact_url(self.checkpoint_dir),
             )
             return
         state = checkpoint.load_checkpoint(path)
@@ -558,7 +559,9 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         if self.train_loader is None:
-            self.log.info("loaded weights from %s (step %d)", path, state["step"])
+            self.log.info(
+                "loaded weights from %s (step %d)", storage.redact_url(path), state["step"]
+            )
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -579,7 +582,9 @@ class Trainer:
                 len(state["rng"]),
                 self.world_size,
             )
-        self.log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step)
+        self.log.info(
+            "resumed from %s at epoch %d step %d", storage.redact_url(path), self.epoch, self.step
+        )
 
 
 _CONSOLE_KEYS = (
@@ -662,13 +667,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def cli(run: Callable[[list[str]], int], argv: list[str], prog: str) -> int:
-    """Run an entry point; a user error (ValueError) is one line and exit code 2."""
+    """Run an entry point; a user error (ValueError) is one line and exit code 2, a
+    storage failure (StorageError, named by its redacted URL) one line and exit code 1."""
     try:
         return run(argv)
     except ValueError as e:
         # User errors are caught at start-up, before any step: say what to change.
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except storage.StorageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def run_training(argv: list[str]) -> int:
