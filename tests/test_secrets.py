@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import boto3
 import pytest
+import torch
 
+from pmc_clip import checkpoint, sharding, storage, train
 from pmc_clip.synthetic import SyntheticOptions, generate, write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,11 +66,12 @@ def test_credentials_appear_in_no_file_object_or_output(
                   "--output", shards, "--shard-size", "8"])  # fmt: skip
     assert made.returncode == 0, made.stderr.decode()[-3000:]
     outputs += [made.stdout, made.stderr]
-    # A bad --output carrying the marker as user info and as a token: a redacted error.
+    # A bad --output carrying the marker as user info and as a token: refused at start-up
+    # (a command-line error), the URL redacted.
     bad_url = f"s3://user:{token}@{s3_bucket.removeprefix('s3://')}/x?token={token}"
     bad = _run([*make, "--input", str(split_jsonl), "--images", str(tmp_path / "raw" / "images"),
                 "--output", bad_url, "--upload-max-attempts", "1"])  # fmt: skip
-    assert bad.returncode == 1 and b"make_shards: error: " in bad.stderr
+    assert bad.returncode == 2 and b"make_shards: error: --output " in bad.stderr
     assert b"Traceback" not in bad.stderr and b"token=REDACTED" in bad.stderr
     outputs += [bad.stdout, bad.stderr]
 
@@ -112,3 +117,115 @@ def test_credentials_appear_in_no_file_object_or_output(
         leaks = [name for name, data in written.items() if needle in data]
         assert not leaks, f"the {what} is in {leaks}"
         assert not any(needle in output for output in outputs), f"the {what} was printed"
+
+
+# --------------------------------------------------------------------------- issue 13
+#
+# Credentials in a URL flag never reach a log line, an error, a traceback or an object
+# key: s3:// URLs carrying them and folders written to that carry them are refused at
+# start-up (exit 2, one line, redacted); every other storage error names the URL redacted.
+
+
+def _marker() -> str:
+    return f"MARKER{uuid.uuid4().hex}"
+
+
+def _train_argv(tmp_path: Path, *extra: str) -> list[str]:
+    # Never reaches the data: the command line is refused first.
+    return ["--train-data", str(tmp_path / "none-{0..1}.tar"), "--model", "tiny",
+            "--device", "cpu", "--logs", str(tmp_path / "logs"), "--name", "run",
+            *extra]  # fmt: skip
+
+
+def _bucket_keys(s3_bucket: str) -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def test_checkpoint_dir_with_a_token_is_refused_before_any_log_line_or_object(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    """Without the check the run logged "no checkpoint in s3://.../ck?token=..." and
+    "saved checkpoint ..." and wrote objects under the key `ck?token=.../`."""
+    token = _marker()
+    argv = _train_argv(tmp_path, "--checkpoint-dir", f"{s3_bucket}/ck?token={token}",
+                       "--resume", "latest")  # fmt: skip
+    result = _run([sys.executable, "-m", "pmc_clip.train", *argv])
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr[-3000:]
+    assert (
+        stderr.startswith("pmc_clip.train: error: --checkpoint-dir ") and "Traceback" not in stderr
+    )
+    assert "token=REDACTED" in stderr
+    assert token.encode() not in result.stdout + result.stderr
+    assert _bucket_keys(s3_bucket) == []
+    logged = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(token.encode() in data for data in logged)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--train-data", "--val-data", "--image-dir", "--checkpoint-dir", "--pmc-clip-beta"]
+)
+def test_s3_url_with_user_info_is_refused_in_one_redacted_line(
+    tmp_path: Path, s3_bucket: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the check botocore's `Invalid bucket name "KEY:SECRET@bucket"` ended the
+    run in a traceback."""
+    secret = _marker()
+    url = f"s3://KEY:{secret}@{s3_bucket.removeprefix('s3://')}/x/pmc-oa-train-{{0..1}}.tar"
+    extra = ["--resume", "PMC_CLIP:beta"] if flag == "--pmc-clip-beta" else []
+    assert train.main([*_train_argv(tmp_path), flag, url, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pmc_clip.train: error: {flag} s3://pmc-clip-test/x/")
+    assert len(err.splitlines()) == 1 and secret not in err and "Invalid bucket" not in err
+
+
+@pytest.mark.parametrize("flag", ["--images", "--input", "--output"])
+def test_make_shards_refuses_credentials_in_its_urls(
+    tmp_path: Path, s3_bucket: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = _marker()
+    argv = {"--input": str(tmp_path / "rows.jsonl"), "--images": str(tmp_path),
+            "--output": f"{s3_bucket}/shards"}  # fmt: skip
+    argv[flag] = f"s3://KEY:{secret}@{s3_bucket.removeprefix('s3://')}/data"
+    assert sharding.main([arg for pair in argv.items() for arg in pair]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"make_shards: error: {flag} s3://pmc-clip-test/data: ")
+    assert secret not in err and _bucket_keys(s3_bucket) == []
+
+
+def test_checkpoint_reads_name_the_url_redacted_in_errors_and_tracebacks(
+    s3_bucket: str,
+) -> None:
+    """latest.json and checkpoint loads on a URL s3fs rejects: botocore quotes the bucket
+    name with the credentials; the error (and its printed traceback) must not."""
+    secret = _marker()
+    url = f"s3://KEY:{secret}@{s3_bucket.removeprefix('s3://')}/ck"
+    for read in (checkpoint.resolve_latest, checkpoint.load_checkpoint):
+        with pytest.raises(storage.StorageError) as caught:
+            read(url)
+        text = "".join(traceback.format_exception(caught.value))
+        assert "s3://pmc-clip-test/ck" in str(caught.value), str(caught.value)
+        assert secret not in text and "KEY:" not in text
+
+
+def test_released_checkpoint_loader_redacts_a_presigned_url(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--pmc-clip-beta as a presigned https URL (its signature a credential): the loader
+    once quoted the raw URL when the file was no PMC-CLIP checkpoint."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # download cache
+    client, bucket = boto3.client("s3"), s3_bucket.removeprefix("s3://")
+    not_a_checkpoint = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(1)}, not_a_checkpoint)
+    client.upload_file(str(not_a_checkpoint), bucket, "weights.pt")
+    for key, error in (("weights.pt", ValueError), ("missing.pt", storage.StorageError)):
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600
+        )
+        signature = dict(parse_qsl(urlsplit(url).query))["Signature"]
+        with pytest.raises(error) as caught:
+            checkpoint.load_pmc_clip_checkpoint(url)
+        text = "".join(traceback.format_exception(caught.value))
+        assert "Signature=REDACTED" in str(caught.value), str(caught.value)
+        assert signature not in text
