@@ -293,7 +293,10 @@ def test_cli_rejects_unknown_and_conflicting_options() -> None:
         parse_run_config(["--resume", "PMC_CLIP:beta"])
     with pytest.raises(ValueError, match="--epochs must be >= 1"):
         parse_run_config(["--epochs", "0"])
-    config = parse_run_config(["--train-data", "s3://KEY:SECRET@b/x.tar", "--mlm", "--global-loss"])
+    with pytest.raises(ValueError, match=r"--train-data s3://b/x\.tar: an s3:// URL cannot"):
+        parse_run_config(["--train-data", "s3://KEY:SECRET@b/x.tar"])  # s3fs cannot use them
+    presigned = "https://host/x.tar?X-Amz-Signature=SECRET"  # read as given, saved redacted
+    config = parse_run_config(["--train-data", presigned, "--mlm", "--global-loss"])
     assert config.model.mlm and not config.loss.local_loss and config.optim.lr == 1e-4
     assert "SECRET" not in json.dumps(config.to_dict())
 
