@@ -168,9 +168,9 @@ def _read_folder_sizes(folder: str) -> dict[str, int] | None:
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as exc:
+            url = storage.join(folder, name)
             raise ValueError(
-                f"cannot read {storage.redact_url(storage.join(folder, name))}: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot read {storage.redact_url(url)}: {storage.describe_error(exc, url)}"
             ) from None
         where = storage.redact_url(storage.join(folder, name))
         try:
