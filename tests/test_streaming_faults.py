@@ -10,6 +10,7 @@ import json
 import logging
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -117,13 +118,8 @@ def test_shard_truncated_at_a_sample_boundary_is_reported(
         last = tar.getmembers()[5]  # the last member of the second sample
     end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     (local / TRUNCATED).write_bytes((local / TRUNCATED).read_bytes()[:end])
-    pattern = str(local / manifest["splits"]["train"]["pattern"])
-    cfg = DataConfig(val_data=pattern, val_batch_size=5, num_workers=0, image_size=IMAGE_SIZE)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
-    with caplog.at_level(logging.WARNING):
-        delivered = keys_of(collect(loader, seconds=60))
+    delivered, totals = _evaluate_in_process(local, manifest, tokenizer, caplog)
     assert len(delivered) == 32 - 6  # the two samples before the cut survive
-    totals = loader.meter.totals()
     assert totals["samples_missing"] == 6, totals  # counted against the manifest's 8
     assert f"{TRUNCATED} ended after 2 of its 8 samples" in caplog.text
 
@@ -139,12 +135,23 @@ def test_shard_holding_more_samples_than_its_manifest_lists_is_reported(
     sizes = json.loads((local / "sizes.json").read_text())
     sizes[TRUNCATED] = 5  # a manifest of another version of the shard
     (local / "sizes.json").write_text(json.dumps(sizes))
+    delivered, totals = _evaluate_in_process(local, manifest, tokenizer, caplog)
+    assert len(delivered) == 32  # every sample the shards hold
+    assert totals["samples_unlisted"] == 3 and totals["samples_missing"] == 0, totals
+    assert f"{TRUNCATED} holds 8 samples, its manifest lists 5" in caplog.text
+
+
+def _evaluate_in_process(
+    local: Path,
+    manifest: dict[str, Any],
+    tokenizer: CaptionTokenizer,
+    caplog: pytest.LogCaptureFixture,
+) -> tuple[list[str], dict[str, int]]:
+    """Every val sample of the shards in `local`, read in this process (warnings reach
+    caplog): (keys delivered, the loader's counters)."""
     pattern = str(local / manifest["splits"]["train"]["pattern"])
     cfg = DataConfig(val_data=pattern, val_batch_size=5, num_workers=0, image_size=IMAGE_SIZE)
     loader = build_eval_loader(cfg, tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader, seconds=60))
-    assert len(delivered) == 32  # every sample the shards hold
-    totals = loader.meter.totals()
-    assert totals["samples_unlisted"] == 3 and totals["samples_missing"] == 0, totals
-    assert f"{TRUNCATED} holds 8 samples, its manifest lists 5" in caplog.text
+    return delivered, loader.meter.totals()
