@@ -682,9 +682,22 @@ def cli(run: Callable[[list[str]], int], argv: list[str], prog: str) -> int:
 
 def run_training(argv: list[str]) -> int:
     config = parse_run_config(argv, "Pretrain PMC-CLIP.")
-    trainer = Trainer(config)
+    trainer = Trainer(config)  # start-up checks: a ValueError here is exit 2 (cli)
     try:
         return trainer.fit()
+    except ValueError as e:
+        # Found mid-run (a shard changed after it was indexed, a manifest of another
+        # version): not a command-line error. Exit 1, which a requeue may retry once the
+        # data is fixed; the checkpoints so far are kept.
+        # From a data-loader worker the message carries the worker's traceback; its last
+        # line is the error itself.
+        trainer.log.error(
+            "stopping at step %d: %s",
+            trainer.step,
+            (str(e).strip().splitlines() or [type(e).__name__])[-1],
+        )
+        trainer.log.debug("data error", exc_info=True)
+        return 1
     finally:
         distributed.shutdown()
 

@@ -244,3 +244,24 @@ def test_gradient_accumulation_steps_once_per_group(in_process: Any, tmp_path: P
     # 16 batches per epoch in groups of 3: 5 full groups and one of 1, 6 optimizer steps.
     assert sorted(metrics_by_step(tmp_path / "accum")) == [1, 2, 3, 4, 5, 6]
     assert len(set(checksums.values())) == 7  # every step moved the weights
+
+
+def test_a_data_error_found_mid_run_exits_1_in_one_line(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """A shard rewritten after it was indexed is found when its samples are read, after
+    training started: one log line naming it, exit 1 (2 is for the command line)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    source = Path(data["train"]).parent
+    for path in source.iterdir():
+        if path.is_file():
+            (shards / path.name).write_bytes(path.read_bytes())
+    shard = shards / "pmc-oa-train-000005.tar"
+    shard.write_bytes(shard.read_bytes().replace(b"0000444", b"0000400", 1))  # a header
+    changed = {**data, "train": str(shards / Path(data["train"]).name)}
+    result = run(train_command(*train_args(changed, tmp_path, "changed", "--epochs", "1")))
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "000005.tar" in line]
+    assert len(lines) == 1 and "stopping at step" in lines[0] and "index_shards" in lines[0]
+    assert "Traceback" not in result.stderr
