@@ -119,6 +119,12 @@ class Trainer:
             self.val_loader = build_eval_loader(
                 data_config, self.tokenizer, self.rank, self.world_size, seed=EVAL_SEED
             )
+            num_pairs = self.val_loader.num_samples  # from the manifest (or --val-num-samples)
+            if config.eval.test_2000 and num_pairs < evaluate.TEST_2000_PAIRS:
+                raise ValueError(
+                    f"--test-2000 needs at least {evaluate.TEST_2000_PAIRS} val pairs; "
+                    f"--val-data has {num_pairs}: drop --test-2000 or give a larger val set"
+                )
         num_batches = self.train_loader.num_batches if self.train_loader else 0
         self.steps_per_epoch = math.ceil(num_batches / config.train.accum_freq)
         self.total_steps = self.steps_per_epoch * config.train.epochs
@@ -287,11 +293,12 @@ class Trainer:
             self.config.eval.val_frequency,
             self.config.checkpoint.save_frequency,
         )
-        if self.val_loader is not None and (last or (val_every and (epoch + 1) % val_every == 0)):
-            self.evaluate()
+        # Saved first: an evaluation that fails (bad val data) must not cost the epoch.
         if last or (save_every and (epoch + 1) % save_every == 0):
             self.epoch = epoch + 1  # the next epoch to run, as a resume should see it
             self._save(end_of_epoch=True)
+        if self.val_loader is not None and (last or (val_every and (epoch + 1) % val_every == 0)):
+            self.evaluate()
 
     def _train_epoch(self, loader: TrainLoader) -> bool:
         """One epoch from the loader's position. False if a stop was requested."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -265,3 +266,21 @@ def test_a_data_error_found_mid_run_exits_1_in_one_line(
     lines = [line for line in result.stderr.splitlines() if "000005.tar" in line]
     assert len(lines) == 1 and "stopping at step" in lines[0] and "index_shards" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_an_evaluation_error_after_an_epoch_keeps_that_epochs_checkpoint(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """The epoch's checkpoint is saved before its evaluation: val data that fails there
+    (the same shards twice: duplicate keys) costs the evaluation, not the epoch."""
+    twice = {**data, "val": f"{data['val']}::{data['val']}"}
+    result = run(train_command(*train_args(twice, tmp_path, "dup", "--epochs", "1")))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "duplicate keys" in result.stderr and "Traceback" not in result.stderr
+    latest = json.loads((tmp_path / "dup" / "checkpoints" / "latest.json").read_text())
+    assert latest["name"] == "epoch_1.pt"
+    # What can be checked before training is: --test-2000 with 16 val pairs.
+    early = run(train_command(*train_args(data, tmp_path, "t2000", "--test-2000")))
+    assert early.returncode == 2
+    assert "--test-2000 needs at least 2000 val pairs; --val-data has 16" in early.stderr
+    assert not (tmp_path / "t2000" / "metrics.jsonl").exists()
