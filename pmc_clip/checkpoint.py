@@ -88,6 +88,19 @@ CHECKPOINT_FORMAT = "pmc_clip/1"
 LATEST = "latest.json"
 
 
+def probe_writable(directory: str) -> None:
+    """Write and delete a small file in `directory` (created if local): a folder that
+    cannot be written (read-only, a missing bucket, wrong credentials) raises OSError
+    (redacted) now instead of at the first save, an epoch into the run."""
+    with storage.redacting_errors("write a probe file to", directory):
+        fs, root = storage.url_to_fs(directory)
+        if storage.is_local(fs):
+            os.makedirs(root, exist_ok=True)
+        probe = storage.join(root, f".write-probe-{os.getpid()}-{os.urandom(4).hex()}")
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+
+
 def checkpoint_name(epoch: int, step: int, end_of_epoch: bool) -> str:
     return f"epoch_{epoch}.pt" if end_of_epoch else f"step_{step}.pt"
 

@@ -83,6 +83,8 @@ class Trainer:
         self.checkpoint_dir = config.checkpoint.checkpoint_dir or os.path.join(
             self.run_dir, "checkpoints"
         )
+        if train:
+            self._check_checkpoint_dir_writable()
         self._install_stop_handlers()
 
         # Same seed everywhere for the initial weights (DDP also broadcasts rank 0's).
@@ -242,6 +244,23 @@ class Trainer:
 
         for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
+
+    def _check_checkpoint_dir_writable(self) -> None:
+        """Rank 0 probes the checkpoint folder at start-up and every rank learns the
+        result (all stop alike, none waits in a collective for a rank that left)."""
+        problem: list[str | None] = [None]
+        if self.rank == 0:
+            try:
+                checkpoint.probe_writable(self.checkpoint_dir)
+            except OSError as e:
+                problem[0] = str(e)
+        if self.world_size > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise ValueError(
+                f"--checkpoint-dir {storage.redact_url(self.checkpoint_dir)} cannot be written "
+                f"({problem[0]}): fix the path, the bucket or the credentials"
+            )
 
     def _prepare_run_dir(self) -> None:
         """Rank 0: clear what a killed save left behind, write the resolved config."""

@@ -284,3 +284,17 @@ def test_an_evaluation_error_after_an_epoch_keeps_that_epochs_checkpoint(
     assert early.returncode == 2
     assert "--test-2000 needs at least 2000 val pairs; --val-data has 16" in early.stderr
     assert not (tmp_path / "t2000" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_found_at_start_up(
+    data: dict[str, str], tmp_path: Path, s3_bucket: str
+) -> None:
+    """A missing bucket: one line naming the folder before any step, not at the first
+    save an epoch into the run."""
+    missing = "s3://no-such-bucket-for-checkpoints/run"
+    args = train_args(data, tmp_path, "nowrite", "--checkpoint-dir", missing)
+    result = run(train_command(*args))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"--checkpoint-dir {missing} cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "nowrite" / "metrics.jsonl").exists()
