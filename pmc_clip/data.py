@@ -1168,12 +1168,12 @@ def train_shards(dataset: Dataset, config: DataConfig) -> TrainShards:
     for url in urls:
         count = dataset.shard_size(url)
         if count is None:
-            count = read_index_count(url, config)
+            count = read_index_count(url)
         counts.append(count)
     return TrainShards(tuple(urls), tuple(counts), tuple(dataset.weights))
 
 
-def read_index_count(url: str, config: DataConfig) -> int:
+def read_index_count(url: str) -> int:
     """A shard's sample count from its index (shards without sizes.json/manifest.json)."""
     fs, path = storage.url_to_fs(shard_index.index_url(url))
     return shard_index.read_index(fs, path, storage.redact_url(url)).num_samples

@@ -24,10 +24,10 @@ import collections
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import fsspec
 
@@ -35,7 +35,6 @@ from pmc_clip import shard_index, storage
 from pmc_clip.sample_order import Run
 
 INDEX_TOOL = "python tools/index_shards.py"
-_T = TypeVar("_T")
 RUNS_READ_AHEAD = 2  # remote runs fetched ahead of the one being decoded (memory: ~2 runs)
 OPEN_FILES = 16  # local or cached shards kept open per reading process
 
@@ -72,6 +71,7 @@ class RunReader:
         self.options = filesystems.options
         self.extensions = extensions
         self._indexes: dict[int, shard_index.ShardIndex] = {}
+        self._local = tuple(map(storage.is_local_url, urls))  # per shard: a plain file
         # Open local or cached shards, least recently used first: with one-sample runs
         # an open per run would cost more than the read.
         self._files: collections.OrderedDict[int, IO[bytes]] = collections.OrderedDict()
@@ -100,11 +100,13 @@ class RunReader:
         if storage.is_local(fs):
             with open(path, "rb") as file:
                 return file.read()
-        return self._retrying("read", url, lambda: bytes(fs.cat_file(path)))
+        return storage.retrying_read(
+            "read", url, self.options, self.counters, lambda: bytes(fs.cat_file(path))
+        )
 
     def is_random_access(self, shard: int) -> bool:
         """Local (or node-cached) shards: a run is a seek and a read, no request."""
-        return storage.is_local(self._fs(self.urls[shard])[0]) or self.options.cache_dir is not None
+        return self._local[shard] or self.options.cache_dir is not None
 
     # ------------------------------------------------------------------ bytes
 
@@ -112,18 +114,6 @@ class RunReader:
         protocol = fsspec.core.split_protocol(url)[0]
         fs = self.filesystems.get(protocol or "file")
         return fs, fs._strip_protocol(url)
-
-    def _retrying(self, what: str, url: str, call: Callable[[], _T]) -> _T:
-        def attempt() -> _T:
-            self.counters.requests += 1
-            return call()
-
-        def count_retry() -> None:
-            self.counters.retries += 1
-
-        return storage.retry_call(
-            what, url, self.options.retry, attempt, storage.ShardReadError, count_retry
-        )
 
     def read_bytes(self, run: Run) -> bytes:
         """The bytes of the run's samples (header of its first member to the end of its
@@ -143,9 +133,12 @@ class RunReader:
                 ) from None
         else:
             fs, path = self._fs(url)
+            chunk = self.options.chunk_bytes
             data = b"".join(
-                self._range(fs, url, path, low, min(low + self.options.chunk_bytes, end))
-                for low in range(start, end, self.options.chunk_bytes)
+                storage.read_range(
+                    fs, path, url, low, min(low + chunk, end), self.options, self.counters
+                )
+                for low in range(start, end, chunk)
             )
         if len(data) != end - start:
             raise _stale(url, f"ends before byte {end}")
@@ -157,8 +150,8 @@ class RunReader:
             self._files.move_to_end(shard)
             return self._files[shard]
         url, size = self.urls[shard], self.index(shard).shard_bytes
-        fs, path = self._fs(url)
-        if storage.is_local(fs):
+        if self._local[shard]:
+            path = self._fs(url)[1]
             # Non-blocking open: a FIFO (or a device) in place of a shard is refused at
             # once instead of blocking the worker until a writer appears.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -174,26 +167,13 @@ class RunReader:
         else:
             # Only one cached copy open at a time: an open copy keeps its disk space after
             # an eviction, and 64 readers a node holding many would overrun the limit.
-            for cached in [
-                s for s in self._files if not storage.is_local(self._fs(self.urls[s])[0])
-            ]:
+            for cached in [s for s in self._files if not self._local[s]]:
                 self._files.pop(cached).close()
             file = storage.open_cached(url, size, self.filesystems, self.counters)
         self._files[shard] = file
         if len(self._files) > OPEN_FILES:
             self._files.popitem(last=False)[1].close()
         return file
-
-    def _range(
-        self, fs: fsspec.AbstractFileSystem, url: str, path: str, low: int, high: int
-    ) -> bytes:
-        def call() -> bytes:
-            data = fs.cat_file(path, start=low, end=high)
-            if len(data) != high - low:  # a truncated body is a transient failure
-                raise ConnectionError(f"got {len(data)} of {high - low} bytes at {low}")
-            return bytes(data)
-
-        return self._retrying("read", url, call)
 
     def close(self) -> None:
         for file in self._files.values():

@@ -448,7 +448,7 @@ def _new_filesystem(protocol: str, options: ShardReadOptions) -> fsspec.Abstract
     return fs
 
 
-def _retrying(
+def retrying_read(
     what: str,
     url: str,
     options: ShardReadOptions,
@@ -465,6 +465,26 @@ def _retrying(
         counters.retries += 1
 
     return retry_call(what, url, options.retry, attempt, ShardReadError, count_retry)
+
+
+def read_range(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    url: str,
+    start: int,
+    end: int,
+    options: ShardReadOptions,
+    counters: ShardReadCounters,
+) -> bytes:
+    """Bytes [start, end) of `path` in one retried request (`url` names it in errors)."""
+
+    def call() -> bytes:
+        data = fs.cat_file(path, start=start, end=end)
+        if len(data) != end - start:  # a truncated body is a transient failure
+            raise ConnectionError(f"got {len(data)} of {end - start} bytes at {start}")
+        return bytes(data)
+
+    return retrying_read("read", url, options, counters, call)
 
 
 # A tar stream reader stops at the end-of-archive marker (two zero blocks), which is followed
@@ -501,7 +521,7 @@ class RangeReader(io.RawIOBase):
         protocol = fsspec.core.split_protocol(url)[0]
         self._fs = filesystems.get(protocol or "file")
         self._path = self._fs._strip_protocol(url)  # http keeps its scheme, s3 drops it
-        self.size_bytes: int = _retrying(
+        self.size_bytes: int = retrying_read(
             "stat", url, self.options, counters, lambda: int(self._fs.size(self._path))
         )
         self._buffer = memoryview(b"")
@@ -515,13 +535,7 @@ class RangeReader(io.RawIOBase):
         return True
 
     def _fetch(self, start: int, end: int) -> bytes:
-        def call() -> bytes:
-            data = self._fs.cat_file(self._path, start=start, end=end)
-            if len(data) != end - start:  # a truncated body is a transient failure
-                raise ConnectionError(f"got {len(data)} of {end - start} bytes at {start}")
-            return bytes(data)
-
-        data = _retrying("read", self.url, self.options, self.counters, call)
+        data = read_range(self._fs, self._path, self.url, start, end, self.options, self.counters)
         self.counters.bytes_read += len(data)
         return data
 
@@ -596,7 +610,9 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
     try:
         if filesystems.options.cache_dir is not None:
             fs, path = filesystems.get(protocol), fsspec.core.strip_protocol(url)
-            size = _retrying("stat", url, filesystems.options, counters, lambda: int(fs.size(path)))
+            size = retrying_read(
+                "stat", url, filesystems.options, counters, lambda: int(fs.size(path))
+            )
             return open_cached(url, size, filesystems, counters)
         return io.BufferedReader(RangeReader(url, filesystems, counters), buffer_size=1 << 20)
     except ShardReadError:
