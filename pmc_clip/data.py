@@ -73,7 +73,8 @@ from pmc_clip import shard_index, storage, transforms
 from pmc_clip.config import DataConfig
 from pmc_clip.sample_order import EpochOrder, OrderConfig, Run
 from pmc_clip.shard_cache import check_cache_limit
-from pmc_clip.shard_runs import INDEX_TOOL, RunReader, RunResult
+from pmc_clip.shard_index import INDEX_TOOL
+from pmc_clip.shard_runs import RunReader, RunResult
 from pmc_clip.tokenize import CaptionTokenizer
 
 _log = logging.getLogger(__name__)

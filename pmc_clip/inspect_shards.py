@@ -101,7 +101,7 @@ def verify_index(fs: fsspec.AbstractFileSystem, shard_path: str, num_bytes: int)
     try:
         stored = shard_index.read_index(fs, path, name)
     except FileNotFoundError:
-        return f"index {name} is missing; build it with: python tools/index_shards.py 'SHARDS'"
+        return f"index {name} is missing; build it with: {shard_index.INDEX_TOOL} 'SHARDS'"
     except ValueError as e:
         return str(e)
     with fs.open(shard_path, "rb") as raw:

@@ -48,7 +48,8 @@ from pmc_clip import storage
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT_VERSION = 1
-REBUILD_HINT = "rebuild it with: python tools/index_shards.py 'SHARDS' --force"
+INDEX_TOOL = "python tools/index_shards.py"  # what every index error tells to run
+REBUILD_HINT = f"rebuild it with: {INDEX_TOOL} 'SHARDS' --force"
 # np.savez stamps each zip entry with the current time; a fixed one keeps bytes stable.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _ARRAYS = (

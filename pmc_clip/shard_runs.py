@@ -33,8 +33,8 @@ import fsspec
 
 from pmc_clip import shard_index, storage
 from pmc_clip.sample_order import Run
+from pmc_clip.shard_index import INDEX_TOOL
 
-INDEX_TOOL = "python tools/index_shards.py"
 RUNS_READ_AHEAD = 2  # remote runs fetched ahead of the one being decoded (memory: ~2 runs)
 OPEN_FILES = 16  # local or cached shards kept open per reading process
 
