@@ -34,6 +34,13 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> CaptionTokenizer:
     return caption_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
+@pytest.fixture()
+def local_shards(figures: tuple[str, str], tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """32 samples in 4 local shards of 8, written by make_shards: (folder, manifest)."""
+    local = tmp_path / "shards"
+    return local, write_shards(*figures, output=str(local), shard_size=8)
+
+
 def _keys_by_shard(shard: Path) -> list[str]:
     with tarfile.open(shard) as tar:
         return list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
@@ -53,13 +60,12 @@ def _complete_keys(shard: Path, cut: int) -> set[str]:
 def test_truncated_and_missing_shards_are_skipped_counted_and_named(
     where: str,
     figures: tuple[str, str],
+    local_shards: tuple[Path, dict[str, Any]],
     tokenizer: CaptionTokenizer,
-    tmp_path: Path,
     request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    local = tmp_path / "shards"
-    manifest = write_shards(*figures, output=str(local), shard_size=8)
+    local, manifest = local_shards
     assert manifest["splits"]["train"]["shards"] == 4
     keys = {
         name: _keys_by_shard(local / name) for name in sorted(p.name for p in local.glob("*.tar"))
@@ -107,13 +113,11 @@ def test_truncated_and_missing_shards_are_skipped_counted_and_named(
 
 
 def test_shard_truncated_at_a_sample_boundary_is_reported(
-    figures: tuple[str, str],
+    local_shards: tuple[Path, dict[str, Any]],
     tokenizer: CaptionTokenizer,
-    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    local = tmp_path / "shards"
-    manifest = write_shards(*figures, output=str(local), shard_size=8)
+    local, manifest = local_shards
     with tarfile.open(local / TRUNCATED) as tar:
         last = tar.getmembers()[5]  # the last member of the second sample
     end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -125,13 +129,11 @@ def test_shard_truncated_at_a_sample_boundary_is_reported(
 
 
 def test_shard_holding_more_samples_than_its_manifest_lists_is_reported(
-    figures: tuple[str, str],
+    local_shards: tuple[Path, dict[str, Any]],
     tokenizer: CaptionTokenizer,
-    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    local = tmp_path / "shards"
-    manifest = write_shards(*figures, output=str(local), shard_size=8)
+    local, manifest = local_shards
     sizes = json.loads((local / "sizes.json").read_text())
     sizes[TRUNCATED] = 5  # a manifest of another version of the shard
     (local / "sizes.json").write_text(json.dumps(sizes))
