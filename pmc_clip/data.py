@@ -1019,11 +1019,6 @@ class TrainLoader(_Loader):
         return self.spec.epoch
 
     @property
-    def samples_consumed(self) -> int:
-        """Samples of this epoch consumed by all ranks so far."""
-        return self.spec.consumed
-
-    @property
     def num_batches(self) -> int:
         """Per whole epoch, for this rank (and every other)."""
         return self.plan.num_batches

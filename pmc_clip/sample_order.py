@@ -130,7 +130,6 @@ class Placement:
             offset = min(int((mass - cum_mass[i]) // per_sample[i]), int(sizes[order[i]]))
             bounds.append(max(bounds[-1], int(starts[i]) + offset))
         bounds.append(int(starts[-1]))
-        self.num_samples = int(starts[-1])
         self.pieces: list[np.ndarray] = []  # per stream: int64 [n, 3] (shard, first, stop)
         for low, high in itertools.pairwise(bounds):
             # Placed shards overlapping [low, high), clipped to it.
@@ -142,10 +141,6 @@ class Placement:
                 if hi > lo:
                     rows.append((int(order[i]), lo - int(starts[i]), hi - int(starts[i])))
             self.pieces.append(np.asarray(rows, dtype=np.int64).reshape(-1, 3))
-
-    def stream_size(self, stream: int) -> int:
-        pieces = self.pieces[stream]
-        return int((pieces[:, 2] - pieces[:, 1]).sum())
 
 
 class StreamOrder:
