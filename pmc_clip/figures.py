@@ -5,18 +5,36 @@ What happens to an image (every figure is fully decoded once, here):
     JPEG, 16-bit-per-channel RGB, an alpha channel that is fully opaque): the training
     decode (`convert("RGB")`) reads them as they look. `original_mode` in the sample's
     `.json` says what the file holds.
-  * Two kinds are converted, because the training decode would get them wrong, and the
+  * Three kinds are converted, because the training decode would get them wrong, and the
     sample's `.json` names the `conversion` (counted per reason in the manifest):
+      - `exif_orientation`: an EXIF Orientation tag (2-8) is applied to the pixels, first,
+        so the figure is stored as it is shown (the training decode ignores the tag and
+        would see it mirrored or on its side); the stored bytes carry no tag;
       - `alpha_flattened`: transparency that is used (some pixel not opaque) is composited
         onto white, as the figure shows on the article's page (`convert("RGB")` would drop
         the alpha and show the hidden colour, often black, behind transparent pixels);
       - `16bit_to_8bit`: 16/32-bit greyscale is scaled to 8 bits (`convert("RGB")` clips
         every value above 255 to white).
-    Converted figures are stored as PNG (lossless), or as JPEG when resized from a JPEG.
+    A figure converted twice names both in the order applied, joined by `+` (e.g.
+    `exif_orientation+alpha_flattened`). Converted figures are stored as PNG (lossless),
+    or as JPEG when a JPEG is resized anyway. Sizes (`width`, `original_width`...) are of
+    the figure as shown, after its orientation.
   * Other formats (GIF, TIFF, BMP, WebP...) are stored as PNG; `--resize-max-side`
     re-encodes only figures whose longer side exceeds it.
   * Zero bytes, truncated or undecodable data, and decompression bombs are refused with a
     reason (`unreadable_image`, `decompression_bomb`, `image_too_large`).
+
+What is read (a figure's row is skipped with a reason, the run goes on):
+  * below the image root only: a local symlink that resolves outside it (to another
+    folder, to /dev/zero) is `path_escapes_root`, like a `..` in the path;
+  * only regular files: a FIFO, a device or a socket is `not_a_regular_file`, refused
+    before any read (opened non-blocking, so a FIFO never hangs a worker);
+  * at most --max-image-bytes: the size is checked before reading (the file's fstat, the
+    zip directory, the object's HEAD) and `image_too_large` is never read; the read itself
+    stops one byte past the limit, so a size that lies (a zip directory, a growing file)
+    still cannot fill the memory;
+  * a file that fails to read (EACCES, EIO, a name too long, an encrypted zip member, a
+    zip member with a bad CRC or broken compressed data) is `read_error`.
 
 Deliberately imports neither torch nor webdataset: make_shards starts its workers with
 `spawn` (fsspec filesystems such as s3fs are not fork-safe), and each worker pays only
@@ -26,12 +44,15 @@ for PIL and fsspec (~0.2 s) instead of torch (~3 s).
 from __future__ import annotations
 
 import io
+import os
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from pmc_clip import storage
 
@@ -42,6 +63,14 @@ _PNG_MODES = {"1", "L", "LA", "RGB", "RGBA", "P"}
 _JPEG_MODES = {"L", "RGB", "CMYK"}
 # Greyscale with more than 8 bits per pixel: scaled to 8 bits before storing.
 _WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# EXIF Orientation values that move pixels (1 is "as stored"; others are not defined).
+_MOVING_ORIENTATIONS = range(2, 9)
+# How one figure's read can fail besides a missing file: the OS (EACCES, EIO, ENAMETOOLONG,
+# ELOOP...), or a zip member's data (bad CRC or local header, broken deflate stream,
+# compressed data ending early, a compression method zipfile lacks).
+_READ_ERRORS = (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+# zipfile's flag bit for an encrypted member (reading it needs a password).
+_ZIP_ENCRYPTED_FLAG = 0x1
 
 
 @dataclass(frozen=True)
@@ -83,22 +112,80 @@ class FigureReader:
         self.fs: fsspec.AbstractFileSystem
         self.fs, self.root = storage.url_to_fs(images_url)
         self.options = options
+        # A local figure's resolved path must stay below the resolved root.
+        self._real_root = os.path.realpath(self.root) if storage.is_local(self.fs) else None
 
     def exists(self, rel_path: str) -> bool:
         return bool(self.fs.exists(storage.join(self.root, rel_path)))
 
     def read(self, rel_path: str) -> Figure | FigureError:
+        path = storage.join(self.root, rel_path)
+        local = self._real_root is not None
         try:
-            data = storage.read_bytes(self.fs, storage.join(self.root, rel_path))
+            data = self._read_local(path) if local else self._read_stored(path)
         except FileNotFoundError:
             return FigureError("missing_file", "no such file under the image root")
-        except IsADirectoryError:
-            return FigureError("missing_file", "path is a directory")
+        except _READ_ERRORS as e:
+            url = path if local else self.fs.unstrip_protocol(path)
+            if not local and isinstance(e, OSError) and not storage.is_permanent_error(e):
+                # The store failing (after its client's retries: throttling, 5xx, a lost
+                # connection), not this figure: skipping would turn an outage into
+                # thousands of lost rows. The run stops (exit 1); the rerun resumes.
+                raise storage.StorageError(
+                    f"read {storage.redact_url(url)}: {storage.describe_error(e, url)}"
+                ) from None
+            return FigureError("read_error", storage.describe_error(e, url))
+        if isinstance(data, FigureError):
+            return data
         if len(data) == 0:
             return FigureError("unreadable_image", "zero-byte file")
-        if len(data) > self.options.max_image_bytes:
-            return FigureError("image_too_large", f"{len(data)} bytes > --max-image-bytes")
         return check_figure(data, self.options)
+
+    def _read_local(self, path: str) -> bytes | FigureError:
+        """The path is resolved and kept below the root first; the open then refuses what
+        is not a regular file without blocking, and follows no last link (a link swapped
+        in after the resolve, or a link loop, fails with ELOOP: a read_error row)."""
+        assert self._real_root is not None
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
+            return FigureError("path_escapes_root", "a symlink resolves outside the image root")
+        try:
+            file, num_bytes = storage.open_regular_file(real, follow_last_link=False)
+        except IsADirectoryError:
+            return FigureError("missing_file", "path is a directory")
+        except storage.NotARegularFileError:
+            return FigureError("not_a_regular_file", "a FIFO, device or socket, not a file")
+        with file:
+            if num_bytes > self.options.max_image_bytes:
+                return _too_large(num_bytes)
+            return self._bounded(file.read(self.options.max_image_bytes + 1))
+
+    def _read_stored(self, path: str) -> bytes | FigureError:
+        """Any other filesystem (a zip archive, an object store): the size comes from its
+        directory or listing, the read is a range of at most the limit + 1 bytes."""
+        info = self.fs.info(path)
+        if info["type"] == "directory":
+            return FigureError("missing_file", "path is a directory")
+        if info["type"] != "file":
+            return FigureError("not_a_regular_file", f"its type is {info['type']!r}, not a file")
+        if int(info.get("flag_bits") or 0) & _ZIP_ENCRYPTED_FLAG:
+            return FigureError("read_error", "an encrypted zip member (needs a password)")
+        size = info.get("size")
+        if size is not None and size > self.options.max_image_bytes:
+            return _too_large(size)
+        data = self.fs.cat_file(path, start=0, end=self.options.max_image_bytes + 1)
+        assert isinstance(data, bytes)
+        return self._bounded(data)
+
+    def _bounded(self, data: bytes) -> bytes | FigureError:
+        """A file larger than its size said (it grew, or a directory lied)."""
+        if len(data) > self.options.max_image_bytes:
+            return _too_large(len(data))
+        return data
+
+
+def _too_large(num_bytes: int) -> FigureError:
+    return FigureError("image_too_large", f"{num_bytes} bytes > --max-image-bytes")
 
 
 def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
@@ -117,8 +204,17 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
         return FigureError("unreadable_image", f"{type(e).__name__}: {e}")
     fmt = image.format or "unknown"
     mode = image.mode
+    conversions: list[str] = []
+    # Before anything that depends on the geometry (resizing): the stored figure is the
+    # one shown, and a re-encode writes no tag (PIL saves EXIF only when asked to).
+    if image.getexif().get(ExifTags.Base.Orientation) in _MOVING_ORIENTATIONS:
+        image = ImageOps.exif_transpose(image)
+        conversions.append("exif_orientation")
     width, height = image.size
-    image, conversion = _normalise_mode(image)
+    image, mode_conversion = _normalise_mode(image)
+    if mode_conversion is not None:
+        conversions.append(mode_conversion)
+    conversion = "+".join(conversions) or None
     max_side = options.resize_max_side
     needs_resize = max_side is not None and max(width, height) > max_side
     if fmt in KEPT_FORMATS and not needs_resize and conversion is None:
@@ -129,7 +225,9 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
         new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(new_size, Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    if fmt == "JPEG":
+    # Lossless PNG, except for a JPEG being resized anyway: its pixels change regardless,
+    # and a JPEG of them stays the size a JPEG was.
+    if fmt == "JPEG" and needs_resize:
         if image.mode not in _JPEG_MODES:
             image = image.convert("RGB")
         image.save(out, format="JPEG", quality=options.jpeg_quality)

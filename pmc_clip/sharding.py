@@ -4,9 +4,12 @@
 
 Stages, in order:
   1. read rows   -- JSONL or CSV, every row numbered (0-based record index);
-  2. plan        -- check caption and image path, derive a webdataset-safe key, pick the
-                    split by a stable hash of the article id, shuffle with --seed;
-  3. load        -- worker processes read and fully decode every figure (resize if asked);
+  2. plan        -- check that the first rows have the image and caption columns (else a
+                    start-up error), check caption and image path, derive a
+                    webdataset-safe key, pick the split by a stable hash of the article
+                    id, shuffle with --seed;
+  3. load        -- worker processes read and fully decode every figure (resize if asked;
+                    what is read and refused: pmc_clip/figures.py);
   4. write       -- the main process packs samples in plan order into shards; a shard
                     closes at --shard-size samples or before --max-shard-bytes;
   5. manifest    -- sizes.json (OpenCLIP's format), manifest.json, skipped.jsonl.
@@ -17,9 +20,21 @@ Each shard `X.tar` gets its sample index `X.idx` (pmc_clip/shard_index.py) besid
 published just before the shard, so a shard never exists without its index.
 
 Resume: each finished shard gets a record in `<output>/_progress/` *after* the shard
-itself is in place (renamed or uploaded). Shard boundaries depend only on the input and
-the options, so a rerun after a crash continues after the last recorded shard and yields
-the same bytes as an uninterrupted run. A shard without its record is simply rewritten.
+itself is in place (renamed, or uploaded) and, locally, synced to disk with its folder, so
+a power cut cannot leave a recorded but short shard. Shard boundaries depend only on the
+input and the options, so a rerun after a crash continues after the last recorded shard
+and yields the same bytes as an uninterrupted run. A shard without its record is simply
+rewritten. A record is trusted only while the shard's input is unchanged (its rows and
+its figures' size and mtime/ETag/CRC, from one listing of --images) and its file is the
+one recorded (size and mtime, or ETag): else that shard and every later one of its split
+are deleted and rewritten, with a line saying why (see _load_progress). Other options
+than the recorded ones are refused.
+
+One run per --output (pmc_clip/output_lock.py): a second stops at start-up naming the
+first; taking the lock is also the start-up check that --output can be written. Exit
+codes: 2 for the command line and start-up checks, 1 for a failure while running (a full
+disk, storage), 130 for Ctrl-C; after 1 or 130 the same command resumes, and staged files
+of the run are removed (those of a run killed with -9: by the next run).
 
 Object storage: every upload, progress record and check on `--output` is retried with
 exponential backoff (`--upload-max-attempts`, `--upload-backoff-seconds`), so a 503 or a
@@ -31,19 +46,23 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
@@ -51,8 +70,9 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from pmc_clip import shard_index, storage
+from pmc_clip import metrics, shard_index, storage
 from pmc_clip.figures import Figure, FigureError, FigureOptions, FigureReader
+from pmc_clip.output_lock import OutputLock
 
 MANIFEST_VERSION = 1
 PROGRESS_DIR = "_progress"
@@ -72,6 +92,10 @@ _ORPHAN_CHECK_SECONDS = 0.5
 # Connect/read timeout of one object-store request on --output (a stall becomes a retry).
 _STORE_TIMEOUT_SECONDS = 120.0
 _UPLOAD_BACKOFF_MAX_SECONDS = 60.0
+# How many rows _check_key_columns looks at (a few bad ones among them are fine), and how
+# many of the column names found its message lists.
+_KEY_CHECK_ROWS = 1000
+_KEY_CHECK_NAMES_SHOWN = 12
 # The csv module refuses fields above 128 KiB; a long caption is a row to skip with a
 # reason (caption_too_long), not a crash.
 _CSV_FIELD_LIMIT = 2**31 - 1
@@ -187,7 +211,8 @@ class Skip:
 def read_rows(url: str, csv_separator: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
     """Yield (row number, record) for JSONL or CSV (chosen by extension), or a Skip for a
     record that cannot be parsed. Text is decoded with surrogateescape so one bad byte
-    costs one row (flagged later), not the whole file."""
+    costs one row (flagged later), not the whole file; a leading UTF-8 BOM (Excel writes
+    one) is dropped, not read as part of the first column name or JSON line."""
     lower = urlsplit(url).path.lower()  # a presigned URL's ?query is not the extension
     if lower.endswith((".jsonl", ".json")):
         yield from _read_jsonl(url)
@@ -198,7 +223,7 @@ def read_rows(url: str, csv_separator: str) -> Iterator[tuple[int, dict[str, Any
 
 
 def _read_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
-    with fsspec.open(url, "rt", encoding="utf-8", errors="surrogateescape") as f:
+    with fsspec.open(url, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
         row = 0
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -219,7 +244,7 @@ def _read_csv(url: str, separator: str) -> Iterator[tuple[int, dict[str, Any] | 
     """Strict quoting: a stray quote (`"a"b`) costs its row (bad_record); a quoted field
     never closed would swallow every later line into one caption, so it stops the run."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    with fsspec.open(url, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with fsspec.open(url, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=separator, strict=True)
         header = next(reader, None)
         if header is None:
@@ -313,7 +338,10 @@ def plan(
     skips: list[Skip] = []
     seen_keys: dict[str, int] = {}
     num_rows = 0
-    for row, record in rows:
+    rows = iter(rows)
+    head = list(itertools.islice(rows, _KEY_CHECK_ROWS))
+    _check_key_columns(head, options)
+    for row, record in itertools.chain(head, rows):
         num_rows += 1
         checked = _plan_row(row, record, options, seen_keys)
         if isinstance(checked, Skip):
@@ -331,6 +359,43 @@ def plan(
             )
             splits[name] = [splits[name][i] for i in order]
     return dict(splits), skips, num_rows
+
+
+def _check_key_columns(
+    head: list[tuple[int, dict[str, Any] | Skip]], options: ShardOptions
+) -> None:
+    """Start-up check of the input's first rows: some record must have the image column
+    and some the caption column. A few rows without them are skipped rows; none at all
+    means a wrong --csv-img-key/--csv-caption-key/--csv-separator or the wrong file,
+    which would otherwise skip every row and end in "0 written"."""
+    if not head:
+        return  # an empty input: nothing to write, and nothing misread
+    records = [record for _, record in head if not isinstance(record, Skip)]
+    flags = {options.img_key: "--csv-img-key", options.caption_key: "--csv-caption-key"}
+    missing = [
+        f"{name!r} ({flag})"
+        for name, flag in flags.items()
+        if not any(name in record for record in records)
+    ]
+    if not missing:
+        return
+    where = f"--input {storage.redact_url(options.input)}"
+    first_rows = f"the first {len(head)} rows" if len(head) > 1 else "the one row"
+    is_csv = urlsplit(options.input).path.lower().endswith((".csv", ".tsv"))
+    hint = f"; is {options.csv_separator!r} its separator (--csv-separator)?" if is_csv else ""
+    if not records:
+        first = next(record for _, record in head if isinstance(record, Skip))
+        raise ValueError(
+            f"{where}: cannot read {first_rows} (row {first.row}: {first.detail}){hint}"
+        )
+    found = sorted({name for record in records for name in record})
+    shown = ", ".join(repr(name[:40]) for name in found[:_KEY_CHECK_NAMES_SHOWN])
+    if len(found) > _KEY_CHECK_NAMES_SHOWN:
+        shown += f" and {len(found) - _KEY_CHECK_NAMES_SHOWN} more"
+    raise ValueError(
+        f"{where}: no column {' or '.join(missing)} in {first_rows}; "
+        f"it has {shown}{hint if len(found) == 1 else ''}"
+    )
 
 
 def _stable_int(text: str) -> int:
@@ -405,9 +470,31 @@ _worker_reader: FigureReader | None = None
 
 def _init_worker(images_url: str, figure_options: FigureOptions, parent_pid: int) -> None:
     # The filesystem is created here, inside the worker, never inherited from the parent.
+    # Ctrl-C reaches the whole process group: the main process stops the pool, and a
+    # worker taking it as well would only print a traceback of its own. (It was blocked
+    # since the worker started: _WorkerSpawnContext.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     global _worker_reader
     _worker_reader = FigureReader(images_url, figure_options)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+class _SigintBlockedProcess(SpawnProcess):
+    """A spawned worker born with SIGINT blocked (a signal mask survives exec) until
+    `_init_worker` ignores it: a Ctrl-C during its start-up, a second or more of imports,
+    would otherwise end it with a KeyboardInterrupt traceback."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _WorkerSpawnContext(SpawnContext):
+    Process = _SigintBlockedProcess
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -434,7 +521,7 @@ def load_figures(
         for sample in samples:
             yield from _load_batch([sample.image])
         return
-    context = get_context("spawn")
+    context = _WorkerSpawnContext()
     with ProcessPoolExecutor(
         options.workers,
         mp_context=context,
@@ -471,6 +558,29 @@ class ShardRecord:
     end: int  # one past the last plan position covered
     skipped: list[dict[str, Any]]
     converted: dict[str, int] = field(default_factory=dict)  # samples per conversion reason
+    # What the shard was made from (`input_digests` of its plan positions), and the
+    # stored file's identity (storage.file_identities) once published: a rerun reuses
+    # the shard only while all three still hold.
+    rows_sha256: str = ""
+    figures_sha256: str = ""
+    stored: str = ""
+
+
+def input_digests(
+    samples: Sequence[PlannedSample], figures: dict[str, str], start: int, end: int
+) -> tuple[str, str]:
+    """(rows, figures) sha256 of plan positions [start, end): every field of each planned
+    sample (row, key, caption, metadata...), and each figure's identity (size and
+    mtime/ETag/CRC from `figures`; absent ones as such). Whether `end` is the split's end
+    counts too: the last shard closes there, so its boundary depends on the split's length."""
+    rows, identities = hashlib.sha256(), hashlib.sha256()
+    for sample in samples[start:end]:
+        rows.update(json.dumps(vars(sample), sort_keys=True).encode() + b"\n")
+        identity = figures.get(sample.image, "absent")
+        identities.update(json.dumps([sample.image, identity]).encode() + b"\n")
+    if end == len(samples):
+        rows.update(b"end of split\n")
+    return rows.hexdigest(), identities.hexdigest()
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -518,9 +628,10 @@ class ShardWriterState:
         split: str,
         index: int,
         start: int,
+        digests: Callable[[int, int], tuple[str, str]],
     ) -> None:
         self.fs, self.root, self.options, self.split = out_fs, out_root, options, split
-        self.index, self.start = index, start
+        self.index, self.start, self.digests = index, start, digests
         # The open shard: samples stream into a staged tar file as they come, so memory
         # holds one sample, not one shard (up to --max-shard-bytes).
         self._staged: str | None = None
@@ -542,13 +653,16 @@ class ShardWriterState:
         size = _tar_bytes(members)
         if self.num_samples and self.num_bytes + size > self.options.max_shard_bytes:
             self.close(end=position)
-        if self._tar is None:
-            import webdataset as wds  # imports torch; only the main process needs it
+        with self._writing():
+            if self._tar is None:
+                import webdataset as wds  # imports torch; only the main process needs it
 
-            self._staged = storage.staging_path(self.fs, self._dest())
-            self._file = open(self._staged, "wb")  # noqa: SIM115 -- closed in close()
-            self._tar = wds.TarWriter(self._file, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
-        self._tar.write(members)
+                self._staged = storage.staging_path(self.fs, self._dest())
+                self._file = open(self._staged, "wb")  # noqa: SIM115 -- closed in close()
+                self._tar = wds.TarWriter(
+                    self._file, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME
+                )
+            self._tar.write(members)
         if conversion is not None:
             self.converted[conversion] += 1
         self.num_samples += 1
@@ -559,12 +673,21 @@ class ShardWriterState:
     def _dest(self) -> str:
         return storage.join(self.root, shard_name(self.options.prefix, self.split, self.index))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write of the open shard (disk full, a read-only folder...): a StorageError
+        naming the shard; the staged file is removed by `shutdown`."""
+        with storage.redacting_errors("write", _where(self.fs, self._dest())):
+            yield
+
     def close(self, end: int) -> None:
         assert self._tar is not None and self._file is not None and self._staged is not None
-        self._tar.close()
-        self._file.close()
+        with self._writing():
+            self._tar.close()
+            self._file.close()
+            num_bytes, sha256 = storage.file_digest(self._staged)
         staged, dest = self._staged, self._dest()
-        num_bytes, sha256 = storage.file_digest(staged)
+        rows_sha256, figures_sha256 = self.digests(self.start, end)
         record = ShardRecord(
             os.path.basename(dest),
             self.split,
@@ -576,6 +699,8 @@ class ShardWriterState:
             end,
             self.skipped,
             dict(sorted(self.converted.items())),
+            rows_sha256,
+            figures_sha256,
         )
         self.wait()
         self._publishing = self._publisher.submit(self._publish, staged, dest, record)
@@ -587,15 +712,25 @@ class ShardWriterState:
 
     def _publish(self, staged: str, dest: str, record: ShardRecord) -> None:
         retry = self.options.retry_policy()
-        with open(staged, "rb") as f:
-            index = shard_index.build_index(f, record.bytes)
-        # The index goes first: a crash between the two leaves an index without its shard
-        # (the rerun rewrites both, byte for byte), never a shard without its index.
-        shard_index.write_index(self.fs, shard_index.index_url(dest), index, retry)
-        storage.publish(self.fs, staged, dest, retry)
+        url = _where(self.fs, dest)
+        try:
+            with open(staged, "rb") as f:
+                index = shard_index.build_index(f, record.bytes)
+            # The index goes first: a crash between the two leaves an index without its
+            # shard (the rerun rewrites both, byte for byte), never a shard without it.
+            with storage.redacting_errors("write", shard_index.index_url(url)):
+                shard_index.write_index(self.fs, shard_index.index_url(dest), index, retry)
+            with storage.redacting_errors("publish", url):
+                storage.publish(self.fs, staged, dest, retry)
+        finally:
+            if os.path.exists(staged):  # publish consumes it; an error before it did not
+                os.unlink(staged)
+        stored = _retried(
+            self.fs, retry, "check", dest, lambda: storage.object_identity(self.fs, dest)
+        )
         # Only now, with the shard in place, is it recorded as done.
         progress_path = storage.join(self.root, PROGRESS_DIR, record.name + ".json")
-        _write_json(self.fs, progress_path, dataclasses.asdict(record), retry)
+        _write_json(self.fs, progress_path, {**dataclasses.asdict(record), "stored": stored}, retry)
 
     def wait(self) -> None:
         """Block until the last shard is published; re-raise its error if it failed."""
@@ -604,19 +739,24 @@ class ShardWriterState:
             self._publishing = None
 
     def shutdown(self) -> None:
-        """Wait for publishing; drop a shard left open by an error (it was never recorded)."""
-        self._publisher.shutdown(wait=True)
-        if self._tar is not None and self._file is not None and self._staged is not None:
-            self._tar.close()
-            self._file.close()
+        """Drop a shard left open by an error or Ctrl-C (it was never recorded), then wait
+        for publishing."""
+        if self._staged is not None:
+            for stream in (self._tar, self._file):  # a full disk may fail their flushes too
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
             os.unlink(self._staged)
+            self._staged, self._file, self._tar = None, None, None
+        self._publisher.shutdown(wait=True)
 
 
 def _write_json(
     fs: fsspec.AbstractFileSystem, path: str, obj: Any, retry: storage.RetryPolicy
 ) -> None:
     text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False)
-    storage.write_bytes_atomic(fs, path, text.encode("utf-8"), retry)
+    with storage.redacting_errors("write", _where(fs, path)):
+        storage.write_bytes_atomic(fs, path, text.encode("utf-8"), retry)
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> Any:
@@ -640,22 +780,38 @@ def _retried(
     return storage.retry_call(what, fs.unstrip_protocol(path), retry, call)
 
 
+def _where(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """`path` as errors name it: a local path as it is, else its URL."""
+    return path if storage.is_local(fs) else fs.unstrip_protocol(path)
+
+
 def write_split(
     split: str,
     samples: list[PlannedSample],
+    figures: dict[str, str],
     options: ShardOptions,
     out_fs: fsspec.AbstractFileSystem,
     out_root: str,
     done: list[ShardRecord],
     progress: tqdm,
+    lock: OutputLock,
 ) -> tuple[list[ShardRecord], list[dict[str, Any]]]:
     """Write one split from where `done` (its finished shards, in order) left off.
-    Returns (all shard records, rows skipped after the last shard)."""
+    `figures` holds the identity of every figure (`input_digests`). Returns (all shard
+    records, rows skipped after the last shard)."""
     start = done[-1].end if done else 0
     progress.update(start)
-    writer = ShardWriterState(out_fs, out_root, options, split, len(done), start)
+    writer = ShardWriterState(
+        out_fs,
+        out_root,
+        options,
+        split,
+        len(done),
+        start,
+        lambda first, end: input_digests(samples, figures, first, end),
+    )
     try:
-        return _fill_shards(writer, samples, start, options, progress, done)
+        return _fill_shards(writer, samples, start, options, progress, done, lock)
     finally:
         writer.shutdown()
 
@@ -667,11 +823,13 @@ def _fill_shards(
     options: ShardOptions,
     progress: tqdm,
     done: list[ShardRecord],
+    lock: OutputLock,
 ) -> tuple[list[ShardRecord], list[dict[str, Any]]]:
     figures = load_figures(samples[start:], options)
     for position, (sample, figure) in enumerate(
         zip(samples[start:], figures, strict=True), start=start
     ):
+        lock.check()
         if isinstance(figure, FigureError):
             skip = Skip(sample.row, figure.reason, figure.detail, sample.image)
             if options.strict:
@@ -694,44 +852,168 @@ def _load_progress(
     out_root: str,
     options: ShardOptions,
     samples_by_split: dict[str, list[PlannedSample]],
+    figures: dict[str, str],
 ) -> tuple[dict[str, list[ShardRecord]], dict[str, list[dict[str, Any]]]]:
-    """Finished shards per split (the contiguous prefix with records) and the trailing
-    skips of splits already complete. Refuses to resume over other options or input."""
-    splits = sorted(samples_by_split)
-    plan_digest = hashlib.sha256(
-        "".join(
-            f"{s.split}/{s.row}/{s.key}\n" for n in splits for s in samples_by_split[n]
-        ).encode()
-    ).hexdigest()
+    """Finished shards per split (the contiguous prefix with records, each still valid)
+    and the trailing skips of splits already complete. Refuses to resume over other
+    options.
+
+    A recorded shard is reused only while what it was made from is unchanged (its rows'
+    fields and its figures' identities: `input_digests`) and its file is the one recorded
+    (size and mtime/inode locally, size and ETag on object stores, from one listing). The
+    first one that is not, and every later one of its split, is deleted and rewritten.
+    The full sha256 is not recomputed (130 x 1 GB shards on S3 would be read again on
+    every rerun): `tools/inspect_shards.py` checks it against the manifest."""
+    retry = options.retry_policy()
     progress_root = storage.join(out_root, PROGRESS_DIR)
     options_path = storage.join(progress_root, "options.json")
-    wanted = {**options.fingerprint(), "plan_sha256": plan_digest}
-    retry = options.retry_policy()
+    wanted = options.fingerprint()
     if _exists(out_fs, options_path, retry):
         found = _read_json(out_fs, options_path, retry)
         if found != wanted:
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            changed = sorted(
+                k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k)
+            )
             raise ValueError(
                 f"--output {storage.redact_url(options.output)} holds shards made with other "
-                f"options or input ({', '.join(changed)}); rerun with the same options and "
-                "input to resume, or choose an empty --output"
+                f"options ({', '.join(changed)}); rerun with the same options to resume, or "
+                "choose an empty --output"
             )
     else:
         _write_json(out_fs, options_path, wanted, retry)
+    listed = {path.rsplit("/", 1)[-1] for path in _list(out_fs, progress_root, retry)}
+    record_name = re.compile(
+        rf"^{re.escape(options.prefix)}-(?P<split>[A-Za-z0-9_-]+)-\d{{6}}\.tar\.json$"
+    )
+    recorded_splits = {m["split"] for name in listed if (m := record_name.match(name))}
+    records: dict[str, list[ShardRecord]] = {}
+    for split in sorted(recorded_splits | samples_by_split.keys()):
+        records[split] = []
+        while (name := shard_name(options.prefix, split, len(records[split]))) + ".json" in listed:
+            path = storage.join(progress_root, name + ".json")
+            records[split].append(ShardRecord(**_read_json(out_fs, path, retry)))
+    wanted_files = [
+        name for rs in records.values() for r in rs for name in (r.name, _index_name(r.name))
+    ]
+    stored = _retried(
+        out_fs,
+        retry,
+        "list",
+        out_root,
+        lambda: storage.file_identities(out_fs, out_root, wanted_files),
+    )
     done: dict[str, list[ShardRecord]] = {}
     tails: dict[str, list[dict[str, Any]]] = {}
-    for split in splits:
-        records: list[ShardRecord] = []
-        while True:
-            path = storage.join(progress_root, shard_name(options.prefix, split, len(records)))
-            if not _exists(out_fs, path + ".json", retry):
-                break
-            records.append(ShardRecord(**_read_json(out_fs, path + ".json", retry)))
-        done[split] = records
+    for split, split_records in records.items():
+        samples = samples_by_split.get(split, [])
+        num_valid, reason = _first_stale(split_records, samples, figures, stored)
         tail_path = storage.join(progress_root, f"{split}.complete.json")
-        if _exists(out_fs, tail_path, retry):
-            tails[split] = _read_json(out_fs, tail_path, retry)["skipped"]
+        tail = None
+        if f"{split}.complete.json" in listed:
+            tail = _read_json(out_fs, tail_path, retry)
+        if num_valid < len(split_records):
+            print(
+                f"make_shards: {split_records[num_valid].name}: {reason}; rewriting it and "
+                f"the {len(split_records) - num_valid - 1} shard(s) after it",
+                file=sys.stderr,
+            )
+            _discard_shards(out_fs, out_root, options, split, num_valid, retry)
+        elif tail is not None and not _tail_matches(tail, split_records, samples, figures):
+            _delete(out_fs, tail_path, retry)
+        elif tail is not None:
+            tails[split] = tail["skipped"]
+        done[split] = split_records[:num_valid]
     return done, tails
+
+
+def _index_name(shard: str) -> str:
+    return shard_index.index_url(shard).rsplit("/", 1)[-1]
+
+
+def _first_stale(
+    records: list[ShardRecord],
+    samples: list[PlannedSample],
+    figures: dict[str, str],
+    stored: dict[str, str],
+) -> tuple[int, str]:
+    """(index of the first record that cannot be reused, why); len(records) if none."""
+    for i, record in enumerate(records):
+        rows_sha256, figures_sha256 = input_digests(samples, figures, record.start, record.end)
+        if record.rows_sha256 != rows_sha256:
+            reason = (
+                "its input rows changed since it was written (a caption or another field, "
+                "or rows added, removed or reordered)"
+            )
+        elif record.figures_sha256 != figures_sha256:
+            reason = "one of its figures changed since it was written (size, mtime, ETag or CRC)"
+        elif record.name not in stored:
+            reason = "the recorded shard is missing"
+        elif stored[record.name] != record.stored:
+            reason = (
+                f"the shard changed since it was recorded ({record.stored} then, "
+                f"{stored[record.name]} now)"
+            )
+        elif _index_name(record.name) not in stored:
+            reason = f"its index {_index_name(record.name)} is missing"
+        else:
+            continue
+        return i, reason
+    return len(records), ""
+
+
+def _tail_matches(
+    tail: dict[str, Any],
+    records: list[ShardRecord],
+    samples: list[PlannedSample],
+    figures: dict[str, str],
+) -> bool:
+    """Whether a split's complete.json (rows skipped after its last shard) still holds."""
+    start = records[-1].end if records else 0
+    digests = input_digests(samples, figures, start, len(samples))
+    return tail.get("start") == start and tail.get("sha256") == list(digests)
+
+
+def _discard_shards(
+    out_fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    options: ShardOptions,
+    split: str,
+    first: int,
+    retry: storage.RetryPolicy,
+) -> None:
+    """Delete `split`'s shards from index `first` on, with their indexes and records, and
+    what lists them (manifest.json, sizes.json, the split's complete.json). Listings and
+    records go first: a crash in between leaves unrecorded files, which the rerun
+    rewrites, never a record or manifest naming a shard that is gone."""
+    progress_root = storage.join(out_root, PROGRESS_DIR)
+    file_name = re.compile(
+        rf"^{re.escape(options.prefix)}-{re.escape(split)}-(?P<index>\d{{6}})\.(tar|idx)(\.json)?$"
+    )
+
+    def doomed(folder: str) -> list[str]:
+        return sorted(
+            path
+            for path in _list(out_fs, folder, retry)
+            if (m := file_name.match(path.rsplit("/", 1)[-1])) and int(m["index"]) >= first
+        )
+
+    listings = [storage.join(out_root, n) for n in ("manifest.json", "sizes.json")]
+    tail = storage.join(progress_root, f"{split}.complete.json")
+    for path in [*listings, tail, *doomed(progress_root), *doomed(out_root)]:
+        if _exists(out_fs, path, retry):
+            _delete(out_fs, path, retry)
+
+
+def _list(fs: fsspec.AbstractFileSystem, folder: str, retry: storage.RetryPolicy) -> list[str]:
+    """The paths directly in `folder` (none if it does not exist)."""
+    if not _exists(fs, folder, retry):
+        return []
+    paths = _retried(fs, retry, "list", folder, lambda: fs.ls(folder, detail=False))
+    return [str(path) for path in paths]
+
+
+def _delete(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> None:
+    _retried(fs, retry, "delete", path, lambda: fs.rm_file(path))
 
 
 def build_manifest(
@@ -786,13 +1068,32 @@ def _brace_pattern(prefix: str, split: str, num_shards: int) -> str:
 
 
 def make_shards(options: ShardOptions) -> dict[str, Any]:
-    """Run every stage; return the manifest. Safe to rerun after a crash."""
+    """Run every stage; return the manifest. Safe to rerun after a crash. One run at a
+    time per --output (output_lock)."""
     options.validate()
     started = time.monotonic()
     retry = options.retry_policy()
     out_fs, out_root = storage.url_to_fs_for_retries(options.output, _STORE_TIMEOUT_SECONDS)
     if _retried(out_fs, retry, "check", out_root, lambda: bool(out_fs.isfile(out_root))):
         raise ValueError(f"--output {storage.redact_url(options.output)} is a file, not a folder")
+    progress_root = storage.join(out_root, PROGRESS_DIR)
+    with OutputLock(out_fs, progress_root, options.output, retry) as lock:
+        # Only now, as the one run on this output: clear what killed runs left.
+        if storage.is_local(out_fs):
+            storage.remove_stale_staging_files(out_fs, out_root)
+        else:
+            storage.remove_orphaned_uploads()
+        return _make_shards_locked(options, out_fs, out_root, lock, started)
+
+
+def _make_shards_locked(
+    options: ShardOptions,
+    out_fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    lock: OutputLock,
+    started: float,
+) -> dict[str, Any]:
+    retry = options.retry_policy()
     try:
         rows = list(read_rows(options.input, options.csv_separator))
     except FileNotFoundError:
@@ -807,31 +1108,32 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     samples_by_split, plan_skips, num_rows = plan(rows, options)
     _check_image_root(options, samples_by_split)
     split_names = sorted(samples_by_split)
-    storage.remove_stale_staging_files(out_fs, out_root)
-    done, tails = _load_progress(out_fs, out_root, options, samples_by_split)
+    figures = _figure_identities(options, samples_by_split)
+    done, tails = _load_progress(out_fs, out_root, options, samples_by_split, figures)
     num_total = sum(len(s) for s in samples_by_split.values())
     records: dict[str, list[ShardRecord]] = {}
     skips = [s.to_json() for s in plan_skips]
     with tqdm(total=num_total, unit="img", desc="make_shards", disable=None) as progress:
         for split in split_names:
+            samples = samples_by_split[split]
             if split in tails:
                 records[split] = done[split]
-                progress.update(len(samples_by_split[split]))
+                progress.update(len(samples))
             else:
                 records[split], tail = write_split(
-                    split,
-                    samples_by_split[split],
-                    options,
-                    out_fs,
-                    out_root,
-                    done[split],
-                    progress,
+                    split, samples, figures, options, out_fs, out_root, done[split], progress, lock
                 )
                 tails[split] = tail
+                start = records[split][-1].end if records[split] else 0
+                complete = {
+                    "skipped": tail,
+                    "start": start,
+                    "sha256": list(input_digests(samples, figures, start, len(samples))),
+                }
                 _write_json(
                     out_fs,
                     storage.join(out_root, PROGRESS_DIR, f"{split}.complete.json"),
-                    {"skipped": tail},
+                    complete,
                     retry,
                 )
             skips += [s for r in records[split] for s in r.skipped] + tails[split]
@@ -842,19 +1144,32 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     sizes = {r["name"]: r["count"] for r in manifest["shards"]}
     _write_json(out_fs, storage.join(out_root, "sizes.json"), sizes, retry)
     skipped_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skips)
-    storage.write_bytes_atomic(
-        out_fs, storage.join(out_root, "skipped.jsonl"), skipped_text.encode("utf-8"), retry
-    )
+    skipped_path = storage.join(out_root, "skipped.jsonl")
+    with storage.redacting_errors("write", _where(out_fs, skipped_path)):
+        storage.write_bytes_atomic(out_fs, skipped_path, skipped_text.encode("utf-8"), retry)
     _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest, retry)
     _print_summary(manifest, time.monotonic() - started, num_total)
     return manifest
+
+
+def _figure_identities(
+    options: ShardOptions, samples_by_split: dict[str, list[PlannedSample]]
+) -> dict[str, str]:
+    """The identity of every planned figure (storage.file_identities: one listing of
+    --images), which resume checks compare (`input_digests`)."""
+    wanted = {s.image for samples in samples_by_split.values() for s in samples}
+    with storage.redacting_errors("list --images", options.images):
+        fs, root = storage.url_to_fs(options.images)
+        return storage.file_identities(fs, root, wanted)
 
 
 def _check_image_root(
     options: ShardOptions, samples_by_split: dict[str, list[PlannedSample]]
 ) -> None:
     """Fail fast on a wrong --images (the commonest mistake: images.zip holds a folder),
-    instead of skipping 1.6M rows one by one as missing."""
+    instead of skipping 1.6M rows one by one as missing. A zip that cannot be opened
+    (truncated: its directory sits at the end) is refused here too, as the command line's
+    error (exit 2): no rerun helps until the file is fetched again."""
     probe = [s for samples in samples_by_split.values() for s in samples[:10]][:20]
     if not probe:
         return
@@ -862,6 +1177,12 @@ def _check_image_root(
         reader = FigureReader(options.images, options.figure)
     except FileNotFoundError:
         raise ValueError(f"--images {storage.redact_url(options.images)} does not exist") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(
+            f"--images {storage.redact_url(options.images)} cannot be opened as a zip archive "
+            f"({e}); a truncated or partly downloaded zip lacks the directory at its end: "
+            "fetch it again"
+        ) from None
     if not any(reader.exists(s.image) for s in probe):
         raise ValueError(
             f"none of the first {len(probe)} images (e.g. {probe[0].image!r}) exist under "
@@ -971,19 +1292,23 @@ def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a command-line or start-up error (nothing written); 1 a
+    failure while running (storage, a full disk); 130 Ctrl-C. After 1 or 130, the same
+    command resumes after the last recorded shard."""
+    resume = f"finished shards are recorded in {PROGRESS_DIR}/: rerun the same command to resume"
+    metrics.install_secret_filter(argv)
     try:
         options = options_from_args(argv)
         manifest = make_shards(options)
     except ValueError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
-    except storage.StorageError as e:
-        print(
-            f"make_shards: error: {e}\nFinished shards are recorded in {PROGRESS_DIR}/: rerun "
-            "the same command to resume after the last of them.",
-            file=sys.stderr,
-        )
+    except OSError as e:  # StorageError, and local write errors (disk full, read-only)
+        print(f"make_shards: error: {e}; {resume}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"make_shards: interrupted; {resume}", file=sys.stderr)
+        return 130
     print(json.dumps({"rows": manifest["rows"], "splits": manifest["splits"]}, indent=1))
     return 0
 

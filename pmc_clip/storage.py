@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import logging
@@ -17,11 +18,13 @@ import os
 import posixpath
 import random
 import shutil
+import socket
+import stat
 import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 # Files we stage with mkstemp are 0600; published files get the usual umask-derived mode.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# Local files staged for an upload: `pmc_clip-upload+HOST+PID+START+random` in the
+# temp folder (see `ProcessOwner`, `remove_orphaned_uploads`).
+_UPLOAD_PREFIX = "pmc_clip-upload+"
 # Query parameters that carry secrets in presigned or token-bearing URLs.
 _SECRET_QUERY_WORDS = ("key", "token", "secret", "signature", "credential", "sig", "password")
 _log = logging.getLogger(__name__)
@@ -132,7 +138,8 @@ def staging_path(fs: fsspec.AbstractFileSystem, dest: str) -> str:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(dest)}-", dir=folder)
     else:
-        fd, tmp = tempfile.mkstemp(prefix="pmc_clip-upload-")
+        # The owner in the name lets a later run remove it once this process is gone.
+        fd, tmp = tempfile.mkstemp(prefix=f"{_UPLOAD_PREFIX}{ProcessOwner.current().tag()}+")
     os.close(fd)
     return tmp
 
@@ -150,7 +157,10 @@ def publish(
     try:
         if is_local(fs):
             os.chmod(staged, 0o666 & ~_UMASK)
+            # Bytes on disk before the name: a power cut never leaves a short `dest`.
+            _fsync(staged)
             os.replace(staged, dest)
+            _fsync(os.path.dirname(dest) or ".")  # the rename itself
         elif retry is None:
             fs.put_file(staged, dest)
         else:
@@ -180,6 +190,142 @@ def remove_stale_staging_files(fs: fsspec.AbstractFileSystem, folder: str) -> No
     if is_local(fs) and fs.isdir(folder):
         for path in fs.glob(join(folder, ".tmp-*")):
             fs.rm_file(path)
+
+
+def _fsync(path: str) -> None:
+    """Flush a local file's bytes, or a folder's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (network, FUSE) cannot sync a folder: nothing more to do there.
+        if e.errno != errno.EINVAL or not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ProcessOwner:
+    """A process, told apart from a later one that reuses its pid by its start time
+    (clock ticks since boot, from /proc; None where /proc is absent)."""
+
+    host: str
+    pid: int
+    start: str | None
+
+    @staticmethod
+    def current() -> ProcessOwner:
+        return ProcessOwner(socket.gethostname(), os.getpid(), _process_start(os.getpid()))
+
+    def tag(self) -> str:
+        """`HOST+PID+START`, for a file name (host names carry no '+')."""
+        return f"{self.host}+{self.pid}+{self.start or ''}"
+
+    @staticmethod
+    def from_tag(tag: str) -> ProcessOwner | None:
+        host, _, rest = tag.partition("+")
+        pid, _, start = rest.partition("+")
+        if not host or not pid.isdigit():
+            return None
+        return ProcessOwner(host, int(pid), start or None)
+
+    def is_gone(self) -> bool:
+        """True only when this process ran on this host and has ended: another host's
+        process cannot be checked from here, and is never taken for gone."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # another user's live process
+        start = _process_start(self.pid)
+        if start == "zombie":
+            return True
+        return self.start is not None and start is not None and start != self.start
+
+
+def _process_start(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time), "zombie" for an ended, unreaped one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return "zombie" if fields[0] in (b"Z", b"X") else fields[19].decode()
+
+
+def remove_orphaned_uploads() -> list[str]:
+    """Remove the files staged for an upload (`staging_path`) by processes of this host
+    that have ended (killed with -9 in the middle of an upload); return their paths.
+    A live process's files, another host's (a shared temp folder) and files of unknown
+    owner are left alone."""
+    removed = []
+    folder = tempfile.gettempdir()
+    for name in os.listdir(folder):
+        if not name.startswith(_UPLOAD_PREFIX):
+            continue
+        owner = ProcessOwner.from_tag(name[len(_UPLOAD_PREFIX) :].rsplit("+", 1)[0])
+        if owner is not None and owner.is_gone():
+            with contextlib.suppress(FileNotFoundError):  # removed by a concurrent run
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
+
+
+# What tells one version of a file from another without reading it, in the order looked
+# for in a listing's entries: S3/Azure ETags, GCS hashes, a zip member's CRC.
+_IDENTITY_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "CRC")
+
+
+def file_identities(
+    fs: fsspec.AbstractFileSystem, root: str, rel_paths: Collection[str]
+) -> dict[str, str]:
+    """A short identity of each of `rel_paths` (below `root`) that is a file: its size and
+    what changes whenever it is rewritten (local: mtime and inode; object stores: the
+    ETag; a zip member: its CRC). Absent paths are left out.
+
+    Local files: one stat each (what a listing with mtimes costs anyway). Elsewhere: one
+    listing of `root` (an S3 LIST returns 1,000 ETags per request, where a HEAD per file
+    would cost a request each); a zip's directory is already in memory."""
+    found: dict[str, str | None] = {}
+    if is_local(fs):
+        for rel_path in rel_paths:
+            with contextlib.suppress(OSError):  # absent (or unreadable): no identity
+                found[rel_path] = _stat_identity(os.stat(join(root, rel_path)))
+    else:
+        wanted = set(rel_paths)
+        prefix = f"{root}/" if root else ""
+        for _, _, files in fs.walk(root, detail=True):
+            for info in files.values():
+                rel_path = info["name"][len(prefix) :]
+                if rel_path in wanted:
+                    found[rel_path] = _info_identity(info)
+        fs.invalidate_cache()  # a listing of millions of files is not kept around
+    return {rel_path: identity for rel_path, identity in found.items() if identity is not None}
+
+
+def object_identity(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """`file_identities`' identity of one file (None: not a file), for a file just
+    written, to compare with a later listing."""
+    if is_local(fs):
+        return _stat_identity(os.stat(path))
+    return _info_identity(fs.info(path))
+
+
+def _stat_identity(st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ino={st.st_ino}"
+
+
+def _info_identity(info: dict[str, Any]) -> str | None:
+    if info.get("type") != "file":
+        return None
+    version = next((f"{name}={info[name]}" for name in _IDENTITY_FIELDS if name in info), "")
+    return f"size={info.get('size')} {version}".rstrip()
 
 
 @contextlib.contextmanager
@@ -232,6 +378,35 @@ class RetryPolicy:
             )
 
 
+class NotARegularFileError(OSError):
+    """A local path that is a FIFO, a device or a socket where a file was expected."""
+
+
+def open_regular_file(
+    path: str, buffering: int = -1, follow_last_link: bool = True
+) -> tuple[IO[bytes], int]:
+    """Open a local file for reading and return it with its size; anything but a regular
+    file is refused at once. The open is non-blocking, so a FIFO in a file's place does
+    not block until a writer appears, and the check is made on what was opened (fstat),
+    so a file swapped in between cannot slip past. Raises IsADirectoryError for a folder,
+    NotARegularFileError for a FIFO, device or socket."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_last_link else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", path)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotARegularFileError(
+                errno.EINVAL, "a FIFO, device or socket, not a regular file", path
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering), status.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class StorageError(OSError):
     """A storage call failed for good (a permanent error, or every attempt); the message
     names the object by its redacted URL and says how often it was tried."""
@@ -250,6 +425,13 @@ _PERMANENT_ERRORS = (
     AttributeError,
     NotImplementedError,
 )
+
+
+def is_permanent_error(exc: BaseException) -> bool:
+    """Whether retrying `exc` cannot help (see _PERMANENT_ERRORS)."""
+    return isinstance(exc, _PERMANENT_ERRORS)
+
+
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = (None, "file", "local")  # what open_shard opens as a plain file
 
@@ -332,12 +514,19 @@ def describe_error(exc: BaseException, url: str) -> str:
     return text
 
 
-def _url_secrets(url: str) -> list[str]:
+def argument_secrets(argument: str) -> list[str]:
+    """The secrets a command-line path or URL carries (`_url_secrets`), including the
+    secret-looking query values of a plain path: `x.pt?token=abc` is a legal local file
+    name, opened as given, but `abc` looks like a token and is masked in the logs."""
+    return _url_secrets(argument, plain_paths=True)
+
+
+def _url_secrets(url: str, plain_paths: bool = False) -> list[str]:
     """The user info and secret query values of every link of an fsspec URL chain."""
     secrets = []
     for piece in url.split("::"):
         split = urlsplit(piece)
-        if not split.scheme:
+        if not split.scheme and not plain_paths:
             continue
         if "@" in split.netloc:
             secrets.append(split.netloc.rsplit("@", 1)[0])
@@ -599,7 +788,7 @@ def open_shard(url: str, filesystems: ShardFilesystems, counters: ShardReadCount
     if protocol in _LOCAL_PROTOCOLS:
         path = fsspec.core.strip_protocol(url) if protocol else url
         try:
-            return open(path, "rb", buffering=1 << 20)
+            return open_regular_file(path, buffering=1 << 20)[0]
         except OSError as exc:
             counters.shards_failed += 1
             raise ShardReadError(f"open {redact_url(url)}: {describe_error(exc, url)}") from None
@@ -663,25 +852,3 @@ class ShardOpener:
 def _close_opened(future: Future[IO[bytes]]) -> None:
     if future.exception() is None:  # a failure of an unwanted shard was never an error
         future.result().close()
-
-
-def register_webdataset_opener(
-    filesystems: ShardFilesystems, counters: ShardReadCounters
-) -> ShardOpener:
-    """Make webdataset's gopen (this process) read every URL scheme it does not handle
-    itself through fsspec, and s3://, gs://, http(s):// too (it has no s3 opener and
-    shells out to gsutil and curl, without retries). Local paths and `pipe:` stay with
-    webdataset. Call it where the stream starts (in the data-loader worker): filesystems
-    are created from then on. The returned opener can open shards ahead."""
-    import webdataset as wds
-
-    opener = ShardOpener(filesystems, counters)
-
-    def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
-        if mode != "rb":
-            raise ValueError(f"{redact_url(url)}: shards are opened read-only, got mode {mode}")
-        return opener.open(url)
-
-    for scheme in ("__default__", "s3", "s3a", "gs", "gcs", "http", "https"):
-        wds.gopen_schemes[scheme] = gopen_fsspec
-    return opener

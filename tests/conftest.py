@@ -74,7 +74,7 @@ class FaultProxy:
       "drop"   -- the status line, headers and half the body, then the connection closes,
       "reset"  -- the connection closes before any response,
       "stall"  -- nothing for `stall_seconds` (the client's read timeout must fire).
-    `always_fail` names objects (a path suffix) whose every GET gets a 503.
+    `always_fail` names objects (a path suffix, any object) whose every GET gets a 503.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -158,12 +158,14 @@ class FaultProxy:
 
     def _action(self, method: str, path: str) -> str | None:
         object_path = path.split("?", 1)[0]
-        if method != "GET" or not object_path.endswith(".tar"):
+        if method != "GET":
             return None
         with self._lock:
             if any(object_path.endswith(name) for name in self.always_fail):
                 self.faults["503"] = self.faults.get("503", 0) + 1
                 return "503"
+            if not object_path.endswith(".tar"):
+                return None
             self.num_tar_gets += 1
             if not self.fail_every or self.num_tar_gets % self.fail_every:
                 return None

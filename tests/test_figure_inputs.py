@@ -1,0 +1,431 @@
+"""make_shards reading hostile input files (issue 13): CSV/JSONL headers and BOMs, EXIF
+orientation, links, FIFOs, huge or lying files and zip members, a truncated images.zip.
+
+Every bad figure costs its row with a reason (never the run, never a hang, never more
+memory than --max-image-bytes); a wrong input file or flag is one start-up line, exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import resource
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import S3_BUCKET, FaultProxy
+from helpers_data import deadline
+from PIL import ExifTags, Image, ImageOps
+from test_make_shards import _read_samples
+
+from pmc_clip.figures import FigureOptions
+from pmc_clip.sharding import ShardOptions, main, make_shards
+
+ORIENTATION = ExifTags.Base.Orientation
+
+
+def _jpeg(image: Image.Image, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, **kwargs)
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    return exif.tobytes()
+
+
+def _marked(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Red with a blue left quarter: every rotation and mirror of it looks different."""
+    image = Image.new(mode, (width, height), "red")
+    image.paste("blue", (0, 0, width // 4, height))
+    return image
+
+
+def _shard(tmp_path: Path, rows: list[dict[str, str]], **kwargs: Any) -> dict[str, Any]:
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = {"images": str(tmp_path / "img"), "split": "train", "workers": 0} | kwargs
+    return make_shards(ShardOptions(input=str(jsonl), output=str(tmp_path / "out"), **options))
+
+
+def _skips(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    lines = (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
+    return {skip["image"]: skip for skip in map(json.loads, lines)}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_input_with_a_utf8_bom_is_read_as_without(tmp_path: Path, suffix: str) -> None:
+    """Excel and Windows tools start a file with a BOM: it is not part of the first column
+    name (CSV), nor makes the first line invalid JSON."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "img" / name).write_bytes(_jpeg(_marked(8, 8)))
+    if suffix == "csv":
+        text = "image,caption\na.jpg,first caption\nb.jpg,second\n"
+    else:
+        text = "".join(
+            json.dumps({"image": name, "caption": caption}) + "\n"
+            for name, caption in (("a.jpg", "first caption"), ("b.jpg", "second"))
+        )
+    (tmp_path / f"in.{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    options = ShardOptions(
+        input=str(tmp_path / f"in.{suffix}"),
+        images=str(tmp_path / "img"),
+        output=str(tmp_path / "out"),
+        split="train",
+        workers=0,
+    )
+    rows = make_shards(options)["rows"]
+    assert (rows["read"], rows["written"], rows["skipped"]) == (2, 2, 0)
+    assert _read_samples(tmp_path / "out")["a"]["txt"] == b"first caption"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "in.csv",
+            "img,text\na.jpg,a caption\n",
+            "no column 'image' (--csv-img-key) or 'caption' (--csv-caption-key) in the one "
+            "row; it has 'img', 'text'",
+        ),
+        (
+            "in.csv",
+            "image;caption\na.jpg;one\nb.jpg;two\n",
+            "no column 'image' (--csv-img-key) or 'caption' (--csv-caption-key) in the first "
+            "2 rows; it has 'image;caption'; is ',' its separator (--csv-separator)?",
+        ),
+        (
+            "in.csv",
+            "image;caption\na.jpg;one, two\nb.jpg;three, four\n",
+            "cannot read the first 2 rows (row 0: line 2: 2 fields, the header has 1); "
+            "is ',' its separator (--csv-separator)?",
+        ),
+        (
+            "in.jsonl",
+            '{"image": "a.jpg", "text": "one"}\n{"image": "b.jpg", "text": "two"}\n',
+            "no column 'caption' (--csv-caption-key) in the first 2 rows; it has 'image', 'text'",
+        ),
+    ],
+    ids=["csv-wrong-names", "csv-wrong-separator", "csv-wrong-separator-no-row-read", "jsonl"],
+)
+def test_input_without_the_key_columns_is_a_startup_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
+) -> None:
+    """Not "0 written, exit 0" with every row skipped: one line naming the columns found."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(_marked(8, 8)))
+    (tmp_path / name).write_text(text)
+    argv = ["--input", str(tmp_path / name), "--images", str(tmp_path / "img")]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"make_shards: error: --input {tmp_path / name}: {message}\n"
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- EXIF
+
+
+def test_exif_orientation_applied_once_at_sharding(tmp_path: Path) -> None:
+    """The training decode (PIL open + convert("RGB")) ignores EXIF: the stored figure must
+    already look as the original is shown, and carry no tag that a viewer would apply on
+    top. Lossless (PNG) unless a JPEG is resized anyway; sizes are the shown ones."""
+    img = tmp_path / "img"
+    img.mkdir()
+    rgba = _marked(12, 8, "RGBA")
+    rgba.paste((0, 0, 0, 0), (9, 0, 12, 8))  # transparent on the right: flattened too
+    originals = {
+        "flip.jpg": _jpeg(_marked(16, 8), exif=_exif(2)),
+        "upside_down.jpg": _jpeg(_marked(16, 8), exif=_exif(3)),
+        "turned.jpg": _jpeg(_marked(16, 8), exif=_exif(6)),
+        "turned_back.jpg": _jpeg(_marked(16, 8), exif=_exif(8)),
+        "upright.jpg": _jpeg(_marked(16, 8), exif=_exif(1)),
+        "alpha.png": _png(rgba, exif=_exif(5)),
+        "big_turned.jpg": _jpeg(_marked(64, 32), exif=_exif(6)),
+    }
+    for name, data in originals.items():
+        (img / name).write_bytes(data)
+    rows = [{"image": name, "caption": name} for name in originals]
+    manifest = _shard(tmp_path, rows, figure=FigureOptions(resize_max_side=20))
+
+    samples = _read_samples(tmp_path / "out")
+    meta = {key: json.loads(sample["json"]) for key, sample in samples.items()}
+    assert {key: m["conversion"] for key, m in meta.items()} == {
+        "flip": "exif_orientation",
+        "upside_down": "exif_orientation",
+        "turned": "exif_orientation",
+        "turned_back": "exif_orientation",
+        "upright": None,
+        "alpha": "exif_orientation+alpha_flattened",
+        "big_turned": "exif_orientation",
+    }
+    assert manifest["rows"]["converted_by_reason"] == {
+        "exif_orientation": 5,
+        "exif_orientation+alpha_flattened": 1,
+    }
+    for name in ("flip", "upside_down", "turned", "turned_back"):
+        shown = ImageOps.exif_transpose(Image.open(img / f"{name}.jpg")).convert("RGB")
+        stored = Image.open(io.BytesIO(samples[name]["png"]))  # lossless: the exact pixels
+        assert ORIENTATION not in stored.getexif(), name
+        assert np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(shown)), name
+        assert (meta[name]["width"], meta[name]["height"]) == shown.size
+        assert (meta[name]["original_width"], meta[name]["original_height"]) == shown.size
+    assert samples["upright"]["jpg"] == originals["upright.jpg"]  # orientation 1: kept as is
+    alpha = Image.open(io.BytesIO(samples["alpha"]["png"]))
+    assert alpha.mode == "RGB" and alpha.size == (8, 12)  # TRANSPOSE: x and y swapped
+    # The blue quarter went to the top, the transparent columns to the bottom (white).
+    assert alpha.getpixel((4, 0)) == (0, 0, 255) and alpha.getpixel((4, 11)) == (255, 255, 255)
+    # Resized after the orientation: 32x64 as shown, so 10x20; a JPEG stays a JPEG.
+    big = Image.open(io.BytesIO(samples["big_turned"]["jpg"]))
+    assert big.size == (10, 20) and ORIENTATION not in big.getexif()
+    assert (meta["big_turned"]["original_width"], meta["big_turned"]["original_height"]) == (
+        32,
+        64,
+    )
+    top, bottom = big.convert("RGB").getpixel((5, 1)), big.convert("RGB").getpixel((5, 18))
+    assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]  # blue on top, red below
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@contextlib.contextmanager
+def _address_space_limit(extra_bytes: int) -> Iterator[None]:
+    """Allocations past the current address space + `extra_bytes` fail (MemoryError),
+    so a figure read into memory whole shows as an error, not as a swapping machine."""
+    vm_size_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmSize:")
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm_size_kib * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard address-space limit is below what this test needs")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_links_fifos_and_huge_local_files_cost_their_row_never_a_hang_or_the_memory(
+    tmp_path: Path,
+) -> None:
+    img = tmp_path / "img"
+    img.mkdir()
+    good = _jpeg(_marked(8, 8))
+    (img / "good.jpg").write_bytes(good)
+    (tmp_path / "secret.jpg").write_bytes(good)
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "x.jpg").write_bytes(good)
+    (img / "inside_link.jpg").symlink_to("good.jpg")  # stays below the root: read
+    (img / "outside_link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (img / "outside_dir").symlink_to(tmp_path / "secret_dir")
+    (img / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(img / "fifo.jpg")
+    (img / "loop.jpg").symlink_to("loop.jpg")
+    (img / "folder.jpg").mkdir()
+    with open(img / "sparse.jpg", "wb") as sparse:
+        sparse.truncate(64 << 30)  # 64 GiB that take no disk space
+    long_name = "L" * 300 + ".jpg"  # ENAMETOOLONG: no file system holds such a name
+    names = [
+        "good.jpg",
+        "inside_link.jpg",
+        "outside_link.jpg",
+        "outside_dir/x.jpg",
+        "zero.jpg",
+        "fifo.jpg",
+        "loop.jpg",
+        "folder.jpg",
+        "sparse.jpg",
+        long_name,
+    ]
+    rows = [{"image": name, "caption": f"row {i}"} for i, name in enumerate(names)]
+    with deadline(60), _address_space_limit(1 << 30):
+        manifest = _shard(tmp_path, rows, figure=FigureOptions(max_image_bytes=1 << 20))
+
+    assert sorted(_read_samples(tmp_path / "out")) == ["good", "inside_link"]
+    reasons = {name: (skip["reason"], skip["detail"]) for name, skip in _skips(tmp_path).items()}
+    outside = ("path_escapes_root", "a symlink resolves outside the image root")
+    assert reasons == {
+        "outside_link.jpg": outside,
+        "outside_dir/x.jpg": outside,
+        "zero.jpg": outside,
+        "fifo.jpg": ("not_a_regular_file", "a FIFO, device or socket, not a file"),
+        "loop.jpg": ("read_error", reasons["loop.jpg"][1]),
+        "folder.jpg": ("missing_file", "path is a directory"),
+        "sparse.jpg": ("image_too_large", f"{64 << 30} bytes > --max-image-bytes"),
+        long_name: ("read_error", reasons[long_name][1]),
+    }
+    assert "Too many levels of symbolic links" in reasons["loop.jpg"][1]
+    assert "File name too long" in reasons[long_name][1]
+    assert manifest["rows"]["skipped_by_reason"] == {
+        "image_too_large": 1,
+        "missing_file": 1,
+        "not_a_regular_file": 1,
+        "path_escapes_root": 3,
+        "read_error": 2,
+    }
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_unreadable_local_file_costs_its_row(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for name in ("good.jpg", "locked.jpg"):
+        (tmp_path / "img" / name).write_bytes(_jpeg(_marked(8, 8)))
+    (tmp_path / "img" / "locked.jpg").chmod(0)
+    rows = [{"image": name, "caption": name} for name in ("good.jpg", "locked.jpg")]
+    assert _shard(tmp_path, rows)["rows"]["written"] == 1
+    skip = _skips(tmp_path)["locked.jpg"]
+    assert skip["reason"] == "read_error" and "Permission denied" in skip["detail"]
+
+
+def test_object_over_the_limit_is_never_downloaded(tmp_path: Path, fault_proxy: FaultProxy) -> None:
+    """--images on S3: the object's size (a HEAD) decides; a figure is one ranged GET."""
+    import fsspec
+
+    good = _jpeg(_marked(8, 8))
+    fs = fsspec.filesystem("s3")
+    fs.pipe({f"{S3_BUCKET}/img/good.jpg": good, f"{S3_BUCKET}/img/big.jpg": bytes(2 << 20)})
+    rows = [{"image": name, "caption": name} for name in ("good.jpg", "big.jpg")]
+    options = {"images": f"s3://{S3_BUCKET}/img", "figure": FigureOptions(max_image_bytes=1 << 20)}
+    manifest = _shard(tmp_path, rows, **options)
+    assert _read_samples(tmp_path / "out")["good"]["jpg"] == good
+    assert manifest["rows"]["skipped_by_reason"] == {"image_too_large": 1}
+    assert ("GET", f"/{S3_BUCKET}/img/big.jpg") not in fault_proxy.requests
+    assert ("GET", f"/{S3_BUCKET}/img/good.jpg") in fault_proxy.requests
+
+
+def test_an_image_store_failing_stops_the_run_and_the_rerun_resumes(
+    tmp_path: Path, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A figure the store will not serve (503s after the client's retries) is the store
+    failing, not a bad row: one line, exit 1, nothing skipped; the rerun completes."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    names = [f"fig{i}.jpg" for i in range(4)]
+    fs.pipe({f"{S3_BUCKET}/img/{name}": _jpeg(_marked(8, 8)) for name in names})
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"image": name, "caption": name}) + "\n" for name in names)
+    )
+    command = [
+        "--input", str(tmp_path / "in.jsonl"), "--images", f"s3://{S3_BUCKET}/img",
+        "--output", str(tmp_path / "out"), "--shard-size", "1", "--workers", "1",
+    ]  # fmt: skip
+    fault_proxy.always_fail = ("/img/fig2.jpg",)
+    assert main(command) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"s3://{S3_BUCKET}/img/fig2.jpg" in error
+    assert "rerun the same command to resume" in error
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    fault_proxy.always_fail = ()
+    assert main(command) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"]["written"] == 4 and manifest["rows"]["skipped"] == 0
+
+
+# --------------------------------------------------------------------------- zip
+
+
+def _central_directory_entry(raw: bytes, name: str) -> int:
+    """Offset of `name`'s entry in the zip's central directory."""
+    offset = raw.find(b"PK\x01\x02")
+    while offset != -1:
+        (name_length,) = struct.unpack_from("<H", raw, offset + 28)
+        if raw[offset + 46 : offset + 46 + name_length] == name.encode():
+            return offset
+        offset = raw.find(b"PK\x01\x02", offset + 46)
+    raise AssertionError(f"{name} not in the zip")
+
+
+def _member_data(raw: bytes, name: str) -> int:
+    """Offset of `name`'s (compressed) data, after its local header."""
+    (local_header,) = struct.unpack_from("<I", raw, _central_directory_entry(raw, name) + 42)
+    name_length, extra_length = struct.unpack_from("<HH", raw, local_header + 26)
+    return local_header + 30 + name_length + extra_length
+
+
+def _hostile_zip(path: Path) -> None:
+    """A real zip, then edited as a damaged or hostile one would be."""
+    figure = _jpeg(Image.effect_noise((32, 32), 40).convert("RGB"))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("good.jpg", "encrypted.jpg", "claims_huge.jpg", "claims_tiny.jpg"):
+            archive.writestr(name, figure)
+        archive.writestr("bad_crc.jpg", figure, compress_type=zipfile.ZIP_STORED)
+        archive.writestr("huge.jpg", figure + bytes(3 << 20))  # honestly over the limit
+    raw = bytearray(path.read_bytes())
+    raw[_member_data(raw, "bad_crc.jpg") + 100] ^= 0xFF
+    flags = _central_directory_entry(raw, "encrypted.jpg") + 8
+    raw[flags] |= 0x1
+    # The directory's uncompressed size of a member, past the limit or below the truth.
+    struct.pack_into("<I", raw, _central_directory_entry(raw, "claims_huge.jpg") + 24, 2**31)
+    struct.pack_into("<I", raw, _central_directory_entry(raw, "claims_tiny.jpg") + 24, 10)
+    path.write_bytes(raw)
+
+
+def test_hostile_zip_members_cost_their_row(tmp_path: Path) -> None:
+    """Read in a spawned worker, as in a real run; sizes come from the zip's directory,
+    so a member over the limit is never inflated."""
+    _hostile_zip(tmp_path / "images.zip")
+    names = [
+        "good.jpg",
+        "encrypted.jpg",
+        "bad_crc.jpg",
+        "claims_huge.jpg",
+        "claims_tiny.jpg",
+        "huge.jpg",
+    ]
+    rows = [{"image": name, "caption": name} for name in names]
+    options = {"images": str(tmp_path / "images.zip"), "workers": 1}
+    with deadline(60):
+        manifest = _shard(tmp_path, rows, figure=FigureOptions(max_image_bytes=1 << 20), **options)
+    assert sorted(_read_samples(tmp_path / "out")) == ["good"]
+    reasons = {name: (skip["reason"], skip["detail"]) for name, skip in _skips(tmp_path).items()}
+    huge_size = len(zipfile.ZipFile(tmp_path / "images.zip").read("good.jpg")) + (3 << 20)
+    assert reasons == {
+        "encrypted.jpg": ("read_error", "an encrypted zip member (needs a password)"),
+        "bad_crc.jpg": ("read_error", "BadZipFile: Bad CRC-32 for file 'bad_crc.jpg'"),
+        "claims_huge.jpg": ("image_too_large", f"{2**31} bytes > --max-image-bytes"),
+        "claims_tiny.jpg": ("read_error", "BadZipFile: Bad CRC-32 for file 'claims_tiny.jpg'"),
+        "huge.jpg": ("image_too_large", f"{huge_size} bytes > --max-image-bytes"),
+    }
+    assert manifest["rows"]["written"] == 1
+
+
+def test_truncated_images_zip_is_one_startup_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cut in the middle (an interrupted download): the directory at its end is gone."""
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        archive.writestr("a.jpg", _jpeg(_marked(8, 8)))
+    raw = (tmp_path / "images.zip").read_bytes()
+    (tmp_path / "images.zip").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "in.csv").write_text("image,caption\na.jpg,a caption\n")
+    argv = ["--input", str(tmp_path / "in.csv"), "--images", str(tmp_path / "images.zip")]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"make_shards: error: --images {tmp_path / 'images.zip'} cannot be opened as a zip "
+        "archive (File is not a zip file); a truncated or partly downloaded zip lacks the "
+        "directory at its end: fetch it again\n"
+    )
