@@ -29,11 +29,18 @@ Resume: `state_dict()` is the epoch, the samples consumed and the order's parame
 resumed loader continues that epoch at its own world size and worker count and reads
 nothing before the resume point.
 
-Evaluation: every val shard once, split by rank then worker, in order (webdataset's tar
-reader over the shard opener of `storage`), the last batch partial:
+Evaluation: every val shard once, split by rank then worker, in order (the shard opener
+of `storage`, read front to back by `shard_index.tar_members`), the last batch partial:
 
-    shard_urls -> tarfile_to_samples -> check_shard_counts -> keep_known_members
-      -> decode_and_transform -> batch
+    shard_urls -> read_shards -> decode_and_transform -> batch
+
+Hostile shards cost bounded time and memory in both: member sizes are checked before
+anything is read (training: in the index; evaluation: in each tar header, against the
+shard's size), a member claiming more bytes than its shard holds stops that shard at once
+(evaluation: a warning, its remaining samples counted as missing), a kept member over
+`--max-member-bytes` makes a bad sample without being read, and members the loader drops
+are never read into memory. Only plain `.tar` shards are read: a compressed one could
+inflate past every limit before its sizes were known.
 
 Batches cross from a worker to the trainer's process in shared memory. Each worker reuses
 a small pool of image buffers (`BatchBufferPool`): a slot goes back to the worker once the
@@ -42,8 +49,8 @@ consumer may keep any batch as long as it likes; keeping many only costs fresh b
 (counted as `batch_buffers_allocated`).
 
 Security: only image members (jpg/jpeg/png/webp, opened with PIL restricted to those
-formats), `.txt` (strict UTF-8) and `.json` are decoded; anything else in a shard (`.pyd`,
-`.pth`, `.npy`, ...) is never decoded. Shard content is never unpickled.
+formats), `.txt` (strict UTF-8) and `.json` are read; anything else in a shard (`.pyd`,
+`.pth`, `.npy`, ...) is skipped unread. Shard content is never unpickled.
 """
 
 from __future__ import annotations
@@ -57,12 +64,15 @@ import json
 import logging
 import os
 import posixpath
+import stat
+import tarfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -74,7 +84,7 @@ from pmc_clip.config import DataConfig
 from pmc_clip.sample_order import EpochOrder, OrderConfig, Run
 from pmc_clip.shard_cache import check_cache_limit
 from pmc_clip.shard_index import INDEX_TOOL
-from pmc_clip.shard_runs import RunReader, RunResult
+from pmc_clip.shard_runs import SKIPPED_KEY, RunReader, RunResult, oversized_member
 from pmc_clip.tokenize import CaptionTokenizer
 
 _log = logging.getLogger(__name__)
@@ -394,12 +404,10 @@ def _stream_error_handler(counters: WorkerCounters) -> Callable[[BaseException],
 
 
 def shard_urls(
-    urls: Iterable[str], opener: storage.ShardOpener | None = None
+    urls: Iterable[str], opener: storage.ShardOpener
 ) -> Callable[[], Iterator[dict[str, str]]]:
-    """The pipeline's source: the worker's shards, in order (lazy: resampled draws). With
-    an opener, each shard is opened ahead while the one before it is read."""
-    if opener is None:
-        return lambda: ({"url": url} for url in urls)
+    """The pipeline's source: the worker's shards, in order, each opened ahead (a remote
+    one, in a background thread) while the one before it is read."""
 
     def source() -> Iterator[dict[str, str]]:
         upcoming = iter(urls)
@@ -409,7 +417,7 @@ def shard_urls(
                 following = next(upcoming, None)
                 if following is not None:
                     opener.open_ahead(following)
-                yield {"url": url}  # webdataset opens it (opener.open) and reads it
+                yield {"url": url}  # read_shards opens it (opener.open) and reads it
                 url = following
         finally:
             opener.discard_ahead()
@@ -417,51 +425,119 @@ def shard_urls(
     return source
 
 
-def check_shard_counts(
-    expected_count: Callable[[str], int | None], counters: WorkerCounters
-) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
-    """Pass samples through; where a shard yields fewer samples than its manifest count,
-    warn and count the missing ones (samples_missing), where more, the unlisted ones
-    (samples_unlisted). Shards without a count, and a shard that failed outright (already
-    a stream error), are not checked."""
+def read_shards(
+    opener: storage.ShardOpener,
+    counters: WorkerCounters,
+    expected_count: Callable[[str], int | None],
+    max_member_bytes: int,
+) -> Callable[[Iterable[dict[str, str]]], Iterator[dict[str, Any]]]:
+    """Evaluation stage: shard URLs ({url}) -> samples ({__key__, __url__, ext: bytes}),
+    members grouped by key as webdataset's group_by_keys groups them.
+
+    Each shard is opened with storage's opener (a local file is refused at once unless it
+    is a regular file; remote URLs are read with retried range requests) and read through
+    shard_index.tar_members, so sizes are checked before reading: a member claiming more
+    bytes than the shard holds stops the shard at once, a kept member over
+    `max_member_bytes` is not read (SKIPPED_KEY: a bad sample), and members that are not
+    an image, caption or json (.pyd/.pth pickles) are skipped over unread. A shard that
+    cannot be opened or read to its end is warned about with its URL (redacted) and
+    counted (stream_errors); the stream goes on with the next one. Where a shard delivers
+    fewer samples than its manifest count the missing ones are counted (samples_missing),
+    where more the unlisted ones (samples_unlisted), with a warning unless a stream error
+    already named the shard."""
+    on_error = _stream_error_handler(counters)
     warn = _RateLimitedWarning("shard count")
 
-    def check(url: str | None, count: int) -> None:
-        expected = expected_count(url) if url is not None else None
+    def check(url: str, count: int, failed: bool) -> None:
+        expected = expected_count(url)
         if expected is None or count == expected:
             return
         if count < expected:
             counters.samples_missing += expected - count
-            warn(
-                f"{storage.redact_url(url or '?')} ended after {count} of its {expected} "
-                "samples (truncated?)"
-            )
+            if not failed:
+                warn(
+                    f"{storage.redact_url(url)} ended after {count} of its {expected} "
+                    "samples (truncated?)"
+                )
         else:
             counters.samples_unlisted += count - expected
             warn(
-                f"{storage.redact_url(url or '?')} holds {count} samples, its manifest lists "
+                f"{storage.redact_url(url)} holds {count} samples, its manifest lists "
                 f"{expected} (a manifest of another version?)"
             )
 
-    def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        url: str | None = None
-        count = 0
-        for sample in samples:
-            if sample.get("__url__") != url:
-                check(url, count)
-                url, count = sample.get("__url__"), 0
-            count += 1
-            yield sample
-        check(url, count)
+    def stage(sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for source in sources:
+            url, count, failed = source["url"], 0, False
+            try:
+                with opener.open(url) as stream:
+                    for sample in _shard_samples(url, stream, max_member_bytes):
+                        count += 1
+                        yield sample
+            except Exception as exc:  # unreadable, broken or hostile: skip the rest
+                exc.args = (*exc.args, url)  # named as webdataset's own stages name it
+                on_error(exc)
+                failed = True
+            check(url, count, failed)
 
     return stage
 
 
-def keep_known_members(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Drop every member that is not an image, caption or json (e.g. .pyd/.pth pickles)
-    before anything could decode it."""
-    for sample in samples:
-        yield {k: v for k, v in sample.items() if k.startswith("__") or k in KEPT_EXTENSIONS}
+def _shard_samples(url: str, stream: Any, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+    # "r|": a plain tar only; a compressed stream is "not a readable tar", never inflated.
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        members = shard_index.tar_members(tar, _shard_size(stream))
+        yield from group_samples(members, url, max_member_bytes)
+
+
+def group_samples(
+    members: Iterable[shard_index.TarMember], url: str, max_member_bytes: int
+) -> Iterator[dict[str, Any]]:
+    """A shard's members (shard_index.tar_members) -> the samples the loader decodes
+    ({__key__, __url__, ext: bytes}): consecutive members of one key, as webdataset's
+    group_by_keys makes them. Only images, `.txt` and `.json` within `max_member_bytes`
+    are read; one over it, or a second member of an extension, makes the sample bad
+    (SKIPPED_KEY). Where the shard stops (a broken or hostile member) the sample read so
+    far comes out before the error (decoding tells whether it is whole)."""
+    sample: dict[str, Any] | None = None
+    try:
+        for member in members:
+            if not member.in_sample or member.key is None:
+                continue  # as webdataset: folders, links, meta files, names without extension
+            if sample is None or member.key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": member.key, "__url__": url}
+            extension, size = member.extension, member.info.size
+            if extension not in KEPT_EXTENSIONS:
+                continue
+            if extension in sample:
+                sample.setdefault(SKIPPED_KEY, []).append(f"two .{extension} members")
+            elif size > max_member_bytes:
+                reason = oversized_member(extension, size, max_member_bytes)
+                sample.setdefault(SKIPPED_KEY, []).append(reason)
+            else:
+                sample[extension] = member.read()
+    except Exception:
+        if sample is not None:
+            yield sample
+        raise
+    if sample is not None:
+        yield sample
+
+
+def _shard_size(stream: Any) -> int | None:
+    """Bytes of an opened shard: a range reader's (object stores), a regular file's
+    (local, node cache); None for a `pipe:` (tar_members then stops at its first missing
+    byte instead)."""
+    raw = getattr(stream, "raw", None)
+    if isinstance(raw, storage.RangeReader):
+        return raw.size_bytes
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -489,6 +565,8 @@ class SampleProcessor:
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = sample["__key__"]
+        if SKIPPED_KEY in sample:
+            raise ValueError("; ".join(sample[SKIPPED_KEY]))
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if image_ext is None:
             raise ValueError("no image member")
@@ -844,6 +922,7 @@ class ShardStream(IterableDataset):
                 self.filesystems,
                 counters.read,
                 KEPT_EXTENSIONS,
+                spec.config.max_member_bytes,
             )
         self._reader.counters = counters.read  # this pass's counters
         decoder = SampleDecoder(
@@ -861,14 +940,12 @@ class ShardStream(IterableDataset):
         """Every sample of this rank's val shards (split by rank, then worker), in order."""
         spec = self.spec
         # Filesystems are created lazily in this process (s3fs is not fork-safe).
-        opener = storage.register_webdataset_opener(self.filesystems, counters.read)
+        opener = storage.ShardOpener(self.filesystems, counters.read)
         urls = spec.dataset.urls[spec.rank :: spec.world_size][worker::num_workers]
         decoder = SampleDecoder(SampleProcessor(spec.config.image_size, None), counters)
         pipeline = wds.DataPipeline(
             shard_urls(urls, opener),
-            wds.tarfile_to_samples(handler=_stream_error_handler(counters)),
-            check_shard_counts(spec.dataset.shard_size, counters),
-            keep_known_members,
+            read_shards(opener, counters, spec.dataset.shard_size, spec.config.max_member_bytes),
             lambda src: decode_and_transform(src, decoder, spec.seed),
         )
         yield from pipeline
@@ -1184,36 +1261,143 @@ def build_eval_loader(
     if config.val_data is None:
         raise ValueError("--val-data is required for evaluation")
     _check_rank(rank, world_size)
-    dataset = resolve_dataset(config.val_data, config.val_num_samples, flag="--val-data")
+    dataset = resolve_val_dataset(config)
     spec = StreamSpec(dataset, config, tokenizer, rank, world_size, seed, 0, False, None)
     return EvalLoader(spec)
 
 
-def check_indexed(urls: list[str]) -> dict[str, int]:
-    """Every shard's size in bytes, after checking that each has its index beside it: one
-    listing per folder (a LIST request on object stores), not a request per shard."""
+def resolve_val_dataset(config: DataConfig) -> Dataset:
+    """--val-data, resolved and checked at start-up, so a val set that cannot be evaluated
+    stops the run before training, not after an epoch: every shard is a plain `.tar` (a
+    compressed one could inflate past every size limit before its sizes were known), at
+    least one of them exists (one listing per folder), and where every shard has its index
+    beside it (make_shards writes them) the indexes are read: no key may name two samples
+    (retrieval pairs images and captions by key), and a source without a manifest is
+    counted by them. Without manifest or indexes --val-num-samples gives the size."""
+    assert config.val_data is not None
+    dataset = resolve_dataset(
+        config.val_data, config.val_num_samples, flag="--val-data", need_sizes=False
+    )
+    urls = dataset.urls
+    for url in urls:
+        if not url.startswith("pipe:") and not url.endswith(".tar"):
+            raise ValueError(
+                f"--val-data shard {storage.redact_url(url)} is not a .tar: only plain tar "
+                "shards are read (a compressed member's size is unknown until it is "
+                f"inflated); decompress it (e.g. gunzip) and index it with {INDEX_TOOL}"
+            )
+    twice = next((url for i, url in enumerate(urls) if url in urls[:i]), None)
+    if twice is not None:
+        raise ValueError(
+            f"--val-data names {storage.redact_url(twice)} twice: every val pair would be "
+            "evaluated twice under one key"
+        )
+    files = [url for url in urls if not url.startswith("pipe:")]
+    listing = list_shards(files)
+    if files and all(entry is None for entry in listing.values()):
+        raise ValueError(
+            f"none of the {len(files)} --val-data shards exists (first: "
+            f"{storage.redact_url(files[0])}): check the pattern and the storage behind it"
+        )
+    indexed = len(files) == len(urls) and all(entry and entry[1] for entry in listing.values())
+    counts = check_val_keys(files) if indexed else None
+    if config.val_num_samples is not None or all(s.shard_sizes for s in dataset.sources):
+        return dataset
+    if counts is None:
+        raise ValueError(
+            "--val-data has no sizes.json or manifest.json next to its shards, nor an index "
+            "beside each shard, so its size is unknown: pass --val-num-samples, or index the "
+            f"shards: {INDEX_TOOL} '<your --val-data>'"
+        )
+    sources = tuple(
+        dataclasses.replace(s, shard_sizes=s.shard_sizes or {u: counts[u] for u in s.urls})
+        for s in dataset.sources
+    )
+    return Dataset(sources, round(sum(s.weight * (s.num_samples or 0) for s in sources)))
+
+
+def check_val_keys(urls: list[str]) -> dict[str, int]:
+    """Samples per val shard, from the shards' indexes, after checking that no key is in
+    two of them (ValueError naming the key and both shards)."""
+    counts: dict[str, int] = {}
+    key_shard: dict[str, str] = {}
+    for url in urls:
+        index = _read_val_index(url)
+        counts[url] = index.num_samples
+        for key in index.keys.tolist():
+            first = key_shard.setdefault(key, url)
+            if first != url:
+                raise ValueError(
+                    f"--val-data: sample key {key!r} is in {storage.redact_url(first)} and in "
+                    f"{storage.redact_url(url)}; retrieval pairs images and captions by key, "
+                    "so each key must be one sample: drop one of the shards or rebuild the "
+                    "val set with make_shards"
+                )
+    return counts
+
+
+def _read_val_index(url: str) -> shard_index.ShardIndex:
+    index = shard_index.index_url(url)
+    fs, path = storage.url_to_fs(index)
+    with storage.redacting_errors("read", index):
+        return shard_index.read_index(fs, path, storage.redact_url(index))
+
+
+def list_shards(urls: list[str]) -> dict[str, tuple[int, bool] | None]:
+    """Per shard: (its size in bytes, whether its index is beside it), or None where it
+    does not exist; one listing per folder (a LIST request on object stores), not a
+    request per shard, where the folder can be listed."""
     by_folder: dict[str, list[str]] = {}
     for url in urls:
         by_folder.setdefault(posixpath.dirname(url), []).append(url)
-    sizes: dict[str, int] = {}
-    missing: list[str] = []
+    found: dict[str, tuple[int, bool] | None] = {}
     for folder, folder_urls in by_folder.items():
         fs, root = storage.url_to_fs(folder or ".")
         try:
             listing = {
                 posixpath.basename(e["name"]): int(e["size"]) for e in fs.ls(root, detail=True)
             }
-        except OSError as exc:
-            raise ValueError(
-                f"cannot list {storage.redact_url(folder)}: {storage.describe_error(exc, folder)}"
-            ) from None
+        except OSError:
+            # Not listable (plain HTTP, a missing folder or bucket): ask for each file.
+            listing = _file_sizes(fs, folder_urls)
         for url in folder_urls:
             name = posixpath.basename(url)
-            if name not in listing:
-                raise ValueError(f"--train-data shard {storage.redact_url(url)} does not exist")
-            sizes[url] = listing[name]
-            if posixpath.basename(shard_index.index_url(url)) not in listing:
-                missing.append(url)
+            index_name = (
+                posixpath.basename(shard_index.index_url(url)) if name.endswith(".tar") else None
+            )
+            found[url] = (listing[name], index_name in listing) if name in listing else None
+    return found
+
+
+def _file_sizes(fs: fsspec.AbstractFileSystem, urls: list[str]) -> dict[str, int]:
+    """Name -> size of each shard and index that exists (a HEAD request each on object
+    stores); ValueError naming the file where asking fails for another reason (denied)."""
+    sizes: dict[str, int] = {}
+    for url in urls:
+        for file_url in (url, shard_index.index_url(url)) if url.endswith(".tar") else (url,):
+            try:
+                sizes[posixpath.basename(file_url)] = int(fs.size(fs._strip_protocol(file_url)))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read {storage.redact_url(file_url)}: "
+                    f"{storage.describe_error(exc, file_url)}"
+                ) from None
+    return sizes
+
+
+def check_indexed(urls: list[str]) -> dict[str, int]:
+    """Every shard's size in bytes, after checking that each exists and has its index
+    beside it (`list_shards`)."""
+    sizes: dict[str, int] = {}
+    missing: list[str] = []
+    for url, entry in list_shards(urls).items():
+        if entry is None:
+            raise ValueError(f"--train-data shard {storage.redact_url(url)} does not exist")
+        sizes[url], indexed = entry
+        if not indexed:
+            missing.append(url)
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(urls)} --train-data shards have no sample index (first: "

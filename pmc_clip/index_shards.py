@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import fsspec
 from tqdm import tqdm
 
-from pmc_clip import shard_index, storage
+from pmc_clip import metrics, shard_index, storage
 
 # Connect/read timeout of one object-store request (a stall becomes a retry).
 _STORE_TIMEOUT_SECONDS = 120.0
@@ -109,6 +109,7 @@ def index_shards(urls: list[str], workers: int, force: bool, retry: storage.Retr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    metrics.install_secret_filter(argv)
     parser = argparse.ArgumentParser(
         prog="index_shards", description="Write the sample index (.idx) beside each shard."
     )

@@ -37,7 +37,7 @@ import re
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -176,7 +176,8 @@ class ShardIndex:
             return f"sample offsets outside the shard's {self.shard_bytes} bytes"
         if num_members and (
             np.any(self.member_sizes < 0)
-            or np.any(self.member_offsets < self.sample_offsets[0])
+            # every member's data has its header block in front of it
+            or np.any(self.member_offsets < self.sample_offsets[0] + tarfile.BLOCKSIZE)
             or np.any(self.member_offsets + self.member_sizes > self.sample_offsets[-1])
         ):
             return "member bytes outside the samples"
@@ -200,11 +201,9 @@ def build_index(fileobj: IO[bytes], shard_bytes: int) -> ShardIndex:
 
     Members are grouped into samples exactly as webdataset 1.0.2 reads them. Member data
     is skipped, never held in memory. ValueError (naming the member) for anything that
-    would make a byte-range read of the shard differ from a full read.
+    would make a byte-range read of the shard differ from a full read, and for a member
+    whose header claims more bytes than the shard holds (`tar_members`).
     """
-    from webdataset.tariterators import base_plus_ext  # imports torch: only builders need it
-
-    is_sample_member = _webdataset_member_filter()
     keys: list[str] = []
     seen: set[str] = set()
     sample_offsets: list[int] = []
@@ -218,18 +217,16 @@ def build_index(fileobj: IO[bytes], shard_bytes: int) -> ShardIndex:
         # "r|": a plain tar read as a stream (offsets in a compressed file mean nothing).
         # (`counted` is duck-typed: tarfile only calls its read.)
         with tarfile.open(fileobj=counted, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                tar.members = []  # stream mode keeps every TarInfo otherwise
-                if not is_sample_member(member):
+            for member in tar_members(tar, shard_bytes):
+                if not member.in_sample:
                     continue
-                key, extension = base_plus_ext(member.name)
+                key, extension = member.key, member.extension
                 if key is None:
                     raise ValueError(
                         f"member {member.name!r} has no extension: webdataset would drop it"
                     )
-                if member.issparse():
+                if member.info.issparse():
                     raise ValueError(f"member {member.name!r} is a sparse file")
-                extension = extension.lower()  # group_by_keys(lcase=True)
                 if not keys or key != keys[-1]:
                     if key in seen:
                         raise ValueError(
@@ -240,16 +237,16 @@ def build_index(fileobj: IO[bytes], shard_bytes: int) -> ShardIndex:
                     keys.append(key)
                     # For a long name, tarfile reports the offset of the extended header
                     # (PAX or GNU longname) in front of the member: where a reader starts.
-                    sample_offsets.append(member.offset)
+                    sample_offsets.append(member.info.offset)
                     member_starts.append(len(extensions))
                 elif extension in extensions[member_starts[-1] :]:
                     raise ValueError(
                         f"member {member.name!r}: sample {key!r} has two {extension!r} members"
                     )
                 extensions.append(extension)
-                offsets.append(member.offset_data)
-                sizes.append(member.size)
-                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                offsets.append(member.info.offset_data)
+                sizes.append(member.info.size)
+                end = tar.offset  # the next header: this member's data, padded to a block
             global_keys = sorted(set(_GLOBAL_PAX_KEYS_REFUSED) & set(tar.pax_headers))
             if global_keys:
                 raise ValueError(
@@ -278,6 +275,76 @@ def build_index(fileobj: IO[bytes], shard_bytes: int) -> ShardIndex:
         member_offsets=np.array(offsets, dtype=np.int64),
         member_sizes=np.array(sizes, dtype=np.int64),
     )
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A member of a shard: its header, whether webdataset puts it into a sample (a
+    regular file, not a `__meta__` one), and then the sample key and extension its
+    group_by_keys gives it (key None: the name has no extension). `read()` returns a
+    sample member's data; a member nobody reads is skipped over by `tar_members`."""
+
+    info: tarfile.TarInfo
+    in_sample: bool
+    key: str | None
+    extension: str
+    tar: tarfile.TarFile
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def read(self) -> bytes:
+        data = self.tar.extractfile(self.info)
+        assert data is not None  # a regular file (tar_members passes no other)
+        return data.read()
+
+
+# Bytes of a member nobody reads, skipped per read call (memory held while skipping).
+_SKIP_CHUNK_BYTES = 1 << 20
+
+
+def tar_members(tar: tarfile.TarFile, shard_bytes: int | None) -> Iterator[TarMember]:
+    """The members of `tar`, opened in stream mode ("r|"), with bounded time and memory
+    whatever the headers claim.
+
+    Every reader of a whole shard goes through here (evaluation, index building,
+    inspect_shards). A header is trusted only as far as the bytes go: a member whose data
+    would end past `shard_bytes` (the shard's size, None where unknown: a `pipe:`) is a
+    ValueError before anything is read or skipped, and a member the caller leaves unread
+    is skipped in chunks of at most 1 MiB, a tarfile.ReadError at the first missing byte.
+    (tarfile's own skip would, at the end of the data, loop once per 10 KiB the header
+    claims: hours for a size field of 2**60.)
+    """
+    from webdataset.tariterators import base_plus_ext  # imports torch: only readers need it
+
+    is_sample_member = _webdataset_member_filter()
+    for info in tar:
+        # Stream mode keeps every TarInfo otherwise (an attribute typeshed does not list).
+        tar.members = []  # type: ignore[attr-defined]
+        # tar.offset: where tarfile will look for the next header, past this member's data
+        if shard_bytes is not None and tar.offset > shard_bytes:
+            raise ValueError(
+                f"member {info.name!r} claims {info.size} bytes at byte {info.offset_data}, "
+                f"which end past the shard's {shard_bytes} bytes: the shard is truncated or "
+                "the member's header is damaged"
+            )
+        in_sample = is_sample_member(info)
+        key, extension = base_plus_ext(info.name) if in_sample else (None, None)
+        yield TarMember(info, in_sample, key, (extension or "").lower(), tar)  # lcase=True
+        _skip_to(tar, info)
+
+
+def _skip_to(tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    """Read past what is left of `info`'s data (to the next header, `tar.offset`)."""
+    stream = tar.fileobj
+    assert stream is not None
+    while (left := tar.offset - stream.tell()) > 0:
+        if not stream.read(min(left, _SKIP_CHUNK_BYTES)):
+            raise tarfile.ReadError(
+                f"unexpected end of data: the shard ends inside member {info.name!r}, whose "
+                f"header claims {info.size} bytes"
+            )
 
 
 def _webdataset_member_filter() -> Callable[[tarfile.TarInfo], bool]:

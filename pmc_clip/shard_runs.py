@@ -1,8 +1,12 @@
 """Reading runs of consecutive samples out of indexed shards (training).
 
 A run (`sample_order.Run`) is samples [first, stop) of one shard; its bytes are one
-contiguous range of the tar, located by the shard's index (`shard_index`). A data-loader
-worker reads its runs in order through a `RunReader`:
+contiguous range of the tar, located by the shard's index (`shard_index`). Of that range
+only the members the loader keeps (images, `.txt`, `.json`) within `--max-member-bytes`
+are read, with their headers: sizes are checked in the index before any byte is read, so
+a huge or unwanted member (`.pth`) costs neither memory nor, beyond GAP_READ_MAX_BYTES,
+reading (one more read call instead). A data-loader worker reads its runs in order
+through a `RunReader`:
 
 - local shards: a seek and a read on a file kept open;
 - object stores (s3://, gs://, http...): range requests of at most `chunk_bytes`,
@@ -21,8 +25,6 @@ that rebuilds its index, never a silently different sample.
 from __future__ import annotations
 
 import collections
-import os
-import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +39,15 @@ from pmc_clip.shard_index import INDEX_TOOL
 
 RUNS_READ_AHEAD = 2  # remote runs fetched ahead of the one being decoded (memory: ~2 runs)
 OPEN_FILES = 16  # local or cached shards kept open per reading process
+# Unwanted bytes between wanted members (a dropped `.pth`, an oversized image) up to this
+# much are read through rather than skipped: a further range request costs about the time
+# 1 MiB takes to arrive, and a seek saves nothing worth a second read call. So a normal
+# run is still one read; only big unwanted members split it.
+GAP_READ_MAX_BYTES = 1 << 20
+# A sample's kept members that were not read for their size: a list of reasons, which
+# make it a bad sample (data.SampleProcessor). Set by every reader (RunReader, and the
+# evaluation's tar stream).
+SKIPPED_KEY = "__skipped__"
 
 
 class StaleIndexError(ValueError):
@@ -55,8 +66,9 @@ class RunResult:
 class RunReader:
     """Fetches runs of one data stream's shards; lives in the process that reads (a
     data-loader worker) and keeps each shard's index, and a few open local or cached
-    files, once loaded. `extensions`: the members a sample keeps (others are never
-    sliced out of the run's bytes, let alone decoded)."""
+    files, once loaded. `extensions`: the members a sample keeps, each read only when it
+    is at most `max_member_bytes` (others are never read where the gap they leave is over
+    GAP_READ_MAX_BYTES, and never sliced out of what is read, let alone decoded)."""
 
     def __init__(
         self,
@@ -65,11 +77,12 @@ class RunReader:
         filesystems: storage.ShardFilesystems,
         counters: storage.ShardReadCounters,
         extensions: frozenset[str],
+        max_member_bytes: int,
     ) -> None:
         self.urls, self.num_samples = urls, num_samples  # the counts the order was made of
         self.filesystems, self.counters = filesystems, counters
         self.options = filesystems.options
-        self.extensions = extensions
+        self.extensions, self.max_member_bytes = extensions, max_member_bytes
         self._indexes: dict[int, shard_index.ShardIndex] = {}
         self._local = tuple(map(storage.is_local_url, urls))  # per shard: a plain file
         # Open local or cached shards, least recently used first: with one-sample runs
@@ -115,14 +128,13 @@ class RunReader:
         fs = self.filesystems.get(protocol or "file")
         return fs, fs._strip_protocol(url)
 
-    def read_bytes(self, run: Run) -> bytes:
-        """The bytes of the run's samples (header of its first member to the end of its
-        last): a seek on a local or cached file, else range requests."""
-        url = self.urls[run.shard]
-        start, end = self.index(run.shard).byte_range(run.first, run.stop)
-        if self.is_random_access(run.shard):
+    def read_bytes(self, shard: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the shard: a seek on a local or cached file, else range
+        requests of at most `chunk_bytes`."""
+        url = self.urls[shard]
+        if self.is_random_access(shard):
             try:
-                file = self._open(run.shard)
+                file = self._open(shard)
                 file.seek(start)
                 data = file.read(end - start)
             except storage.ShardReadError:
@@ -152,18 +164,15 @@ class RunReader:
         url, size = self.urls[shard], self.index(shard).shard_bytes
         if self._local[shard]:
             path = self._fs(url)[1]
-            # Non-blocking open: a FIFO (or a device) in place of a shard is refused at
-            # once instead of blocking the worker until a writer appears.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                os.close(fd)
-                raise storage.ShardReadError(f"read {storage.redact_url(url)}: not a regular file")
-            os.set_blocking(fd, True)
-            file: IO[bytes] = os.fdopen(fd, "rb")  # kept open, closed on eviction
-            if status.st_size != size:
+            try:
+                file, num_bytes = storage.open_regular_file(path)  # kept open, closed on eviction
+            except storage.NotARegularFileError:
+                raise storage.ShardReadError(
+                    f"read {storage.redact_url(url)}: not a regular file"
+                ) from None
+            if num_bytes != size:
                 file.close()
-                raise _stale(url, f"is {status.st_size} bytes, its index says {size}")
+                raise _stale(url, f"is {num_bytes} bytes, its index says {size}")
         else:
             # Only one cached copy open at a time: an open copy keeps its disk space after
             # an eviction, and 64 readers a node holding many would overrun the limit.
@@ -183,28 +192,52 @@ class RunReader:
     # ------------------------------------------------------------------ samples
 
     def samples(self, run: Run) -> list[dict[str, Any]]:
-        """The run's samples as webdataset dicts ({__key__, __url__, ext: bytes}, the kept
-        extensions only), cut out of the run's bytes at the index's member offsets. Each
-        member's own tar header (right before its data) must carry a valid checksum and
-        the index's size: a shard rewritten after it was indexed fails here."""
+        """The run's samples as webdataset dicts ({__key__, __url__, ext: bytes}), cut out
+        of the run's bytes at the index's member offsets. Only the members a sample keeps
+        (`extensions`) and within `max_member_bytes` are read, each with its own tar header
+        (right before its data), which must carry a valid checksum and the index's size: a
+        shard rewritten after it was indexed fails here. A kept member over the limit is
+        never read: its sample gets the reason under SKIPPED_KEY (a bad sample)."""
         index = self.index(run.shard)
-        data = self.read_bytes(run)
         url = self.urls[run.shard]
-        base = int(index.sample_offsets[run.first])
         first_member, stop_member = index.member_starts[run.first], index.member_starts[run.stop]
-        offsets = (index.member_offsets[first_member:stop_member] - base).tolist()
+        offsets = index.member_offsets[first_member:stop_member].tolist()
         sizes = index.member_sizes[first_member:stop_member].tolist()
         extensions = index.member_extensions[first_member:stop_member].tolist()
         bounds = (index.member_starts[run.first : run.stop + 1] - first_member).tolist()
         keys = index.keys[run.first : run.stop].tolist()
+        wanted = [
+            extension in self.extensions and size <= self.max_member_bytes
+            for extension, size in zip(extensions, sizes, strict=True)
+        ]
+        # Where wanted members lie close together (the headers and small members between
+        # them), one read covers them; a gap over GAP_READ_MAX_BYTES is skipped.
+        spans = [
+            (offset - tarfile.BLOCKSIZE, offset + size)
+            for offset, size, keep in zip(offsets, sizes, wanted, strict=True)
+            if keep
+        ]
+        pieces = [
+            (start, self.read_bytes(run.shard, start, end))
+            for start, end in coalesce(spans, GAP_READ_MAX_BYTES)
+        ]
         samples = []
+        piece = 0
         for i, key in enumerate(keys):
             sample: dict[str, Any] = {"__key__": key, "__url__": url}
             for m in range(bounds[i], bounds[i + 1]):
-                offset, size = offsets[m], sizes[m]
-                _check_header(data, offset, size, url, key)
-                if extensions[m] in self.extensions:
-                    sample[extensions[m]] = data[offset : offset + size]
+                offset, size, extension = offsets[m], sizes[m], extensions[m]
+                if extension not in self.extensions:
+                    continue
+                if not wanted[m]:
+                    reason = oversized_member(extension, size, self.max_member_bytes)
+                    sample.setdefault(SKIPPED_KEY, []).append(reason)
+                    continue
+                while offset + size > pieces[piece][0] + len(pieces[piece][1]):
+                    piece += 1  # members come in offset order, and so do the pieces
+                start, data = pieces[piece]
+                _check_header(data, offset - start, size, url, key)
+                sample[extension] = data[offset - start : offset - start + size]
             samples.append(sample)
         return samples
 
@@ -246,6 +279,26 @@ class RunReader:
                     future.cancel()
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
+
+
+def coalesce(spans: list[tuple[int, int]], max_gap: int) -> list[tuple[int, int]]:
+    """Byte spans in increasing order -> the reads that cover them: spans less than
+    `max_gap` bytes apart share one read."""
+    reads: list[tuple[int, int]] = []
+    for start, end in spans:
+        if reads and start - reads[-1][1] <= max_gap:
+            reads[-1] = (reads[-1][0], end)
+        else:
+            reads.append((start, end))
+    return reads
+
+
+def oversized_member(extension: str, size: int, max_member_bytes: int) -> str:
+    """Why a kept member was not read (SKIPPED_KEY)."""
+    return (
+        f"its .{extension} member is {size} bytes, over the limit of {max_member_bytes} "
+        "(--max-member-bytes); not read"
+    )
 
 
 def _check_header(data: bytes, offset: int, size: int, url: str, key: str) -> None:

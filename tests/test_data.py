@@ -481,21 +481,35 @@ def test_a_shard_changed_after_indexing_is_an_error_naming_the_tool(
         collect(loader)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
 def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(
-    even: Shards, tmp_path: Path, tokenizer: CaptionTokenizer, caplog: pytest.LogCaptureFixture
+    even: Shards,
+    tmp_path: Path,
+    tokenizer: CaptionTokenizer,
+    caplog: pytest.LogCaptureFixture,
+    split: str,
 ) -> None:
     for path in even.root.iterdir():
         if path.is_file():
             (tmp_path / path.name).symlink_to(path)
     (tmp_path / "pmc-oa-train-000003.tar").unlink()
     os.mkfifo(tmp_path / "pmc-oa-train-000003.tar")  # opening it would wait for a writer
-    cfg = data_config(str(tmp_path / Path(even.pattern).name), num_workers=0)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    pattern = str(tmp_path / Path(even.pattern).name)
+    if split == "train":
+        loader: Any = build_train_loader(
+            data_config(pattern, num_workers=0), tokenizer, 0, 1, seed=0
+        )
+    else:
+        cfg = data_config(None, val_data=pattern, val_batch_size=8, num_workers=0)
+        loader = build_eval_loader(cfg, tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING):
         batches = collect(loader, seconds=60)
-    assert len(batches) == 20 and all(len(batch["keys"]) == 8 for batch in batches)
-    assert loader.meter.totals()["samples_substituted"] == 10  # the shard's samples
-    assert "000003.tar: not a regular file" in caplog.text
+    assert "000003.tar" in caplog.text and "not a regular file" in caplog.text
+    if split == "train":
+        assert len(batches) == 20 and all(len(batch["keys"]) == 8 for batch in batches)
+        assert loader.meter.totals()["samples_substituted"] == 10  # the shard's samples
+    else:  # skipped: every other shard's samples evaluated once
+        assert len(keys_of(batches)) == len(set(keys_of(batches))) == 160 - 10
 
 
 def test_sources_joined_with_double_colon_weights_and_no_pipe(
