@@ -9,10 +9,14 @@ runs while unpickling) plus an explicit allow-list of the numpy globals it needs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
@@ -123,13 +127,15 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
         num_bytes, digest = storage.file_digest(staged)
         storage.publish(fs, staged, dest)
     except OSError as e:
-        if os.path.exists(staged):
-            os.unlink(staged)
         raise OSError(
             f"could not write checkpoint {storage.redact_url(directory)}/{name}: "
             f"{storage.describe_error(e, directory)}; "
             f"the previous checkpoint (see {LATEST}) is kept"
         ) from e
+    finally:
+        # Also on Ctrl-C (KeyboardInterrupt) in the middle of torch.save.
+        if os.path.exists(staged):
+            os.unlink(staged)
     info = {
         "name": name,
         "sha256": digest,
@@ -163,7 +169,7 @@ class _ErrorKeepingWriter:
 
 
 def _torch_save(state: dict[str, Any], path: str) -> None:
-    with open(path, "wb") as file:
+    with open(path, "wb") as file, _interrupt_after():
         writer = _ErrorKeepingWriter(file)
         try:
             torch.save(state, writer)  # type: ignore[arg-type]
@@ -171,6 +177,27 @@ def _torch_save(state: dict[str, Any], path: str) -> None:
             if writer.error is not None:
                 raise writer.error from e
             raise
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives in the block and raise its KeyboardInterrupt
+    when the block is done: torch.save's C++ zip writer turns one raised in a write into
+    a RuntimeError ("unexpected pos"), which would end the run as a failed save, with a
+    traceback. Only in the main thread (the only one signals reach) and where Ctrl-C
+    raises KeyboardInterrupt (Python's own handler)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _prune_step_checkpoints(
@@ -186,31 +213,63 @@ def _prune_step_checkpoints(
 
 
 def resolve_latest(directory: str) -> str | None:
-    """URL of the checkpoint `latest.json` points at, or None if there is none yet."""
-    with storage.redacting_errors("read", storage.join(directory, LATEST)):
+    """URL of the checkpoint `latest.json` points at, or None if there is none yet. A
+    `latest.json` that is not what save_checkpoint writes (not JSON, wrong types, a name
+    that is a path, a checkpoint that is gone) is a ValueError naming it."""
+    pointer_url = storage.join(directory, LATEST)
+    where = storage.redact_url(pointer_url)
+    with storage.redacting_errors("read", pointer_url):
         fs, root = storage.url_to_fs(directory)
         pointer = storage.join(root, LATEST)
-        if not fs.exists(pointer):
-            return None
-        info = json.loads(storage.read_bytes(fs, pointer))
-    return storage.join(directory, info["name"])
+        exists, is_folder = fs.exists(pointer), fs.isdir(pointer)
+    if not exists:
+        return None
+    if is_folder:
+        raise ValueError(f"{where} is a folder, not the file save_checkpoint writes; {_FIX_LATEST}")
+    info = _read_info(fs, pointer, pointer_url, _FIX_LATEST)
+    name = info.get("name")
+    # A bare file name of this folder: "../x" or "/etc/x" would load a file from elsewhere.
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ValueError(
+            f"{where} is damaged or was not written by pmc_clip: 'name' must be a checkpoint "
+            f"file name in that folder, got {name!r}; {_FIX_LATEST}"
+        )
+    with storage.redacting_errors("read", pointer_url):
+        found = fs.isfile(storage.join(root, name))
+    if not found:
+        raise ValueError(
+            f"{where} names {name}, which is not in that folder (deleted?): pass --resume "
+            "with a checkpoint that exists, or delete latest.json to start afresh"
+        )
+    return storage.join(directory, name)
 
 
 def load_checkpoint(path_or_url: str) -> dict[str, Any]:
-    """A training checkpoint, loaded with weights_only=True and checked against its
-    sha256 sidecar; a missing, partial or corrupt file is a ValueError naming it."""
+    """A training checkpoint, loaded with weights_only=True, checked against its sha256
+    sidecar and for the structure the trainer reads; a missing, partial, corrupt or
+    foreign file, or a damaged sidecar, is a ValueError naming it."""
     where = storage.redact_url(path_or_url)
     try:
         with storage.redacting_errors("read checkpoint", path_or_url):
             fs, path = storage.url_to_fs(path_or_url)
-            data = storage.read_bytes(fs, path)
+            is_folder = fs.isdir(path)
+            data = b"" if is_folder else storage.read_bytes(fs, path)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {where} does not exist") from None
+    if is_folder:
+        raise ValueError(f"checkpoint {where} is a folder, not a checkpoint file")
     with storage.redacting_errors("read the sha256 sidecar of checkpoint", path_or_url):
-        sidecar = storage.read_bytes(fs, path + ".json") if fs.exists(path + ".json") else None
-    if sidecar is not None:
-        info = json.loads(sidecar)
-        if hashlib.sha256(data).hexdigest() != info["sha256"] or len(data) != info["bytes"]:
+        has_sidecar = fs.isfile(path + ".json")
+    if has_sidecar:
+        info = _read_info(fs, path + ".json", path_or_url + ".json", _FIX_SIDECAR)
+        digest, num_bytes = info.get("sha256"), info.get("bytes")
+        if not isinstance(digest, str) or type(num_bytes) is not int:
+            raise ValueError(
+                f"{where}.json (the sha256 sidecar of the checkpoint) is damaged or was not "
+                f"written by pmc_clip: expected a 'sha256' string and a 'bytes' integer, got "
+                f"{digest!r} and {num_bytes!r}; {_FIX_SIDECAR}"
+            )
+        if hashlib.sha256(data).hexdigest() != digest or len(data) != num_bytes:
             raise ValueError(
                 f"checkpoint {where} is corrupt or partial: its sha256/size differ from "
                 f"{os.path.basename(path)}.json (written when it was saved)"
@@ -224,4 +283,75 @@ def load_checkpoint(path_or_url: str) -> dict[str, Any]:
             f"{where} is not a pmc_clip training checkpoint (format {CHECKPOINT_FORMAT}); "
             f"for the released PMC-CLIP weights use --resume {RELEASED_CHECKPOINT_NAME}"
         )
+    problem = _structure_problem(state)
+    if problem:
+        raise ValueError(
+            f"checkpoint {where} says format {CHECKPOINT_FORMAT} but is damaged or was not "
+            f"written by pmc_clip: {problem}"
+        )
     return state
+
+
+# What to do about a damaged `latest.json` or sidecar.
+_FIX_LATEST = "delete it to start afresh, or pass --resume with a checkpoint's path"
+_FIX_SIDECAR = "delete it to load the checkpoint unchecked"
+
+
+def _read_info(fs: fsspec.AbstractFileSystem, path: str, url: str, fix: str) -> dict[str, Any]:
+    """A JSON object written by save_checkpoint (`latest.json`, a sidecar)."""
+    with storage.redacting_errors("read", url):
+        data = storage.read_bytes(fs, path)
+    try:
+        info = json.loads(data)
+        problem = "" if isinstance(info, dict) else f"JSON {type(info).__name__}, not an object"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"not JSON ({e})"
+    if problem:
+        raise ValueError(
+            f"{storage.redact_url(url)} is damaged or was not written by pmc_clip: {problem}; {fix}"
+        )
+    return info
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+# What the trainer reads from a checkpoint, and what each entry must be.
+_STRUCTURE: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    (
+        "model",
+        "a dict of tensors",
+        lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    ),
+    ("optimizer", "a dict", lambda v: isinstance(v, dict)),
+    ("scaler", "a dict", lambda v: isinstance(v, dict)),
+    ("step", "a count", _is_count),
+    ("epoch", "a count", _is_count),
+    ("nonfinite_steps", "a count", _is_count),
+    ("data", "a dict or null", lambda v: v is None or isinstance(v, dict)),
+    (
+        "rng",
+        "a list of dicts",
+        lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    ),
+    (
+        "config",
+        "a dict with a 'model' dict naming the model ('model': str, 'mlm': bool)",
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("model"), dict)
+            and isinstance(v["model"].get("model"), str)
+            and isinstance(v["model"].get("mlm"), bool)
+        ),
+    ),
+)
+
+
+def _structure_problem(state: dict[str, Any]) -> str | None:
+    for key, expected, check in _STRUCTURE:
+        if key not in state:
+            return f"no {key!r} entry"
+        if not check(state[key]):
+            return f"its {key!r} entry is not {expected}"
+    return None

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pmc_clip.storage import redact_url, refuse_url_credentials
+from pmc_clip.storage import argument_secrets, redact_url, refuse_url_credentials
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -67,6 +67,9 @@ class DataConfig:
     # by the node's ranks and workers); None: read remote shards by range requests.
     cache_dir: str | None = None
     cache_limit_bytes: int | None = None  # None: unbounded; else least recently used evicted
+    # Largest shard member (image, caption, json) the loader reads; a bigger one makes a
+    # bad sample without being read. make_shards' --max-image-bytes default.
+    max_member_bytes: int = 64 * 1024 * 1024
     # --val-data may also be a CSV/JSONL table of (image path, caption) rows, as in the
     # original PMC-CLIP: its figures are under image_dir (folder, URL or images.zip).
     image_dir: str | None = None
@@ -107,6 +110,8 @@ class DataConfig:
                 raise ValueError("--cache-limit-bytes needs --cache-dir")
             if self.cache_limit_bytes < 1:
                 raise ValueError(f"--cache-limit-bytes must be >= 1, got {self.cache_limit_bytes}")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"--max-member-bytes must be >= 1, got {self.max_member_bytes}")
         if self.read_chunk_bytes < 1024:
             raise ValueError(f"--read-chunk-bytes must be >= 1024, got {self.read_chunk_bytes}")
         if self.read_max_attempts < 1:
@@ -317,8 +322,12 @@ def _redacted(value: Any) -> Any:
         return {k: _redacted(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_redacted(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return redact_url(value)
+    if isinstance(value, str):
+        redacted = redact_url(value) if "://" in value else value
+        # A plain path may carry a secret-looking query too (`--resume x.pt?token=...`).
+        for secret in argument_secrets(value):
+            redacted = redacted.replace(secret, "REDACTED")
+        return redacted
     return value
 
 
@@ -341,6 +350,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--num-canonical-nodes", "data", "num_canonical_nodes", {"type": int}),
     ("--cache-dir", "data", "cache_dir", {}),
     ("--cache-limit-bytes", "data", "cache_limit_bytes", {"type": int}),
+    ("--max-member-bytes", "data", "max_member_bytes", {"type": int}),
     ("--data-timeout-seconds", "data", "batch_timeout_seconds", {"type": float}),
     ("--image-dir|--image_dir", "data", "image_dir", {}),
     ("--csv-img-key", "data", "csv_img_key", {}),

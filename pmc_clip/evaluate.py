@@ -310,9 +310,11 @@ def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pmc_clip.trainer import cli, run_evaluation_only  # the trainer builds model and data
+    # The trainer builds model and data, and imports this module.
+    from pmc_clip.trainer import Trainer, cli, start_evaluation
 
-    return cli(run_evaluation_only, sys.argv[1:] if argv is None else argv, "pmc_clip.evaluate")
+    arguments = sys.argv[1:] if argv is None else argv
+    return cli(start_evaluation, Trainer.evaluate_and_print, arguments, "pmc_clip.evaluate")
 
 
 if __name__ == "__main__":

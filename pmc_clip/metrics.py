@@ -2,6 +2,10 @@
 
 Other ranks log warnings and errors to stderr only, so a 64-rank job's log reads like a
 one-rank job's. Scalars passed here are already averaged over ranks by the caller.
+
+Every entry point installs the secret filter (`install_secret_filter`) first: whatever a
+log record says, a credential given on the command line or in the environment comes out
+as `***`, a second line of defence behind the redaction of every URL we print.
 """
 
 from __future__ import annotations
@@ -9,9 +13,32 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from pmc_clip.storage import argument_secrets
+
 LOGGER_NAME = "pmc_clip"
+MASK = "***"
+# Environment variables whose values are credentials: AWS and S3-compatible stores
+# (s3fs/botocore), the Hugging Face hub (tokenizer and text-encoder downloads), and Azure
+# storage (adlfs). Paths to credential files (GOOGLE_APPLICATION_CREDENTIALS) are no secret.
+CREDENTIAL_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+)
+# Shorter values are masked nowhere: no store issues credentials that short (AWS key ids
+# have 16+ characters, secrets 40), and masking `?sig=1` would turn every 1 in the log
+# into ***.
+MIN_SECRET_CHARS = 8
 
 
 def setup_logging(log_dir: str | None, rank: int) -> logging.Logger:
@@ -31,6 +58,75 @@ def setup_logging(log_dir: str | None, rank: int) -> logging.Logger:
         logger.addHandler(file_handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return logger
+
+
+class SecretMasker:
+    """Replaces every known secret in a text by `MASK`."""
+
+    def __init__(self) -> None:
+        self.secrets: list[str] = []
+
+    def add(self, secrets: Sequence[str]) -> None:
+        known = set(self.secrets) | {s for s in secrets if len(s) >= MIN_SECRET_CHARS}
+        # Longest first: a secret containing another is masked whole.
+        self.secrets = sorted(known, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+_masker: SecretMasker | None = None
+
+
+def install_secret_filter(argv: Sequence[str] | None = None) -> None:
+    """Mask, in every log record of this process (any logger, any handler, the message,
+    its exception traceback and stack), the credentials of the command line `argv`
+    (default sys.argv[1:]: user info and secret-looking query values of its paths and
+    URLs) and the values of CREDENTIAL_ENV_VARS. Call it first thing in an entry point's
+    main. Installed once per process (as a log record factory, so it also covers loggers
+    and handlers created later, and forked data-loader workers); a later call adds its
+    argv's secrets. Text printed outside logging goes through `mask_secrets`."""
+    global _masker
+    if _masker is None:
+        _masker = SecretMasker()
+        logging.setLogRecordFactory(_masking_factory(logging.getLogRecordFactory(), _masker))
+    arguments = sys.argv[1:] if argv is None else argv
+    # `--flag=value` carries the value after the first "=".
+    values = [a.partition("=")[2] if a.startswith("--") else a for a in arguments]
+    _masker.add([s for value in values for s in argument_secrets(value)])
+    _masker.add([os.environ[name] for name in CREDENTIAL_ENV_VARS if os.environ.get(name)])
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with every secret the installed filter knows masked (unchanged before
+    install_secret_filter is called)."""
+    return text if _masker is None else _masker.mask(text)
+
+
+_EXCEPTION_FORMATTER = logging.Formatter()
+
+
+def _masking_factory(
+    make_record: Callable[..., logging.LogRecord], masker: SecretMasker
+) -> Callable[..., logging.LogRecord]:
+    def make_masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:
+            return record  # a bad format string: the handler reports it as usual
+        record.msg, record.args = masker.mask(message), None
+        if record.exc_info:
+            # Formatted now, masked; formatters reuse exc_text instead of formatting again.
+            traceback_text = _EXCEPTION_FORMATTER.formatException(record.exc_info)
+            record.exc_text = masker.mask(traceback_text)
+        if record.stack_info:
+            record.stack_info = masker.mask(record.stack_info)
+        return record
+
+    return make_masked_record
 
 
 class ScalarWriter:

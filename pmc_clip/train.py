@@ -10,18 +10,20 @@
 
 All flags: `python -m pmc_clip.train --help`. Exit codes: 0 done, 1 stopped by an error
 (message in the log), 2 bad command line, 3 stopped on SIGUSR1/SIGTERM after saving a
-checkpoint (requeue and pass `--resume latest` to continue).
+checkpoint (requeue and pass `--resume latest` to continue), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pmc_clip.trainer import cli, run_training
+from pmc_clip.trainer import Trainer, cli, start_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(run_training, sys.argv[1:] if argv is None else argv, "pmc_clip.train")
+    return cli(
+        start_training, Trainer.fit, sys.argv[1:] if argv is None else argv, "pmc_clip.train"
+    )
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -46,6 +48,10 @@ from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 # scripts requeue the job on it (launch/pretrain_8node.sh).
 EXIT_CODE_PREEMPTED = 3
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_CODE_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C'd command
+# torch's messages for a data-loader worker that died: "DataLoader worker (pid 123) is
+# killed by signal: Killed." (its SIGCHLD handler), "... (pid(s) 1, 2) exited unexpectedly".
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pid(?:\(s\))? (?P<pids>[\d, ]+)\)")
 EVAL_SEED = 0
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 # Small shards so that every rank (and loader worker) gets a share of a 2,000-pair table.
@@ -90,6 +96,7 @@ class Trainer:
         # Same seed everywhere for the initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.train.seed)
         self.tokenizer = self._build_tokenizer()
+        self.tokenizer_identity = _tokenizer_identity(self.tokenizer)
         self.model = self._build_model()
         self.optimizer = optim.build_optimizer(self.model, config.optim)
         self.scaler = torch.amp.GradScaler(
@@ -264,16 +271,23 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         """Rank 0: clear what a killed save left behind, write the resolved config."""
+        self.remove_staged_checkpoints()
         if self.rank == 0:
-            storage.remove_stale_staging_files(*storage.url_to_fs(self.checkpoint_dir))
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(self.config.to_dict(), f, indent=1)
 
+    def remove_staged_checkpoints(self) -> None:
+        """Rank 0, the folder's only writer: remove the staged file of a save that was
+        killed (at start-up) or interrupted (Ctrl-C, wherever it landed in the save)."""
+        if self.rank == 0:
+            storage.remove_stale_staging_files(*storage.url_to_fs(self.checkpoint_dir))
+
     # ------------------------------------------------------------------ training
 
     def fit(self) -> int:
-        """Train to the last epoch; return the process exit code."""
+        """Train to the last epoch; return 0, or EXIT_CODE_PREEMPTED after a stop signal.
+        A failure on the way raises (`stop_reason` says which are expected: cli)."""
         assert self.train_loader is not None, "built with train=False"
         try:
             for epoch in range(self.epoch, self.config.train.epochs):
@@ -286,25 +300,48 @@ class Trainer:
                     return EXIT_CODE_PREEMPTED
                 self._end_of_epoch(epoch)
             return 0
-        except TrainingStopped as e:
-            self.log.error("%s", e)
-            return 1
-        except RuntimeError as e:
-            if self.world_size == 1:
-                raise  # no peers: a bug, with its traceback
-            # gloo and NCCL report a dead peer, a broken link or a collective that timed
-            # out (--dist-timeout-seconds) as RuntimeError/DistError from the collective.
-            self.log.error(
-                "stopping at step %d: a collective with the other ranks failed (a rank died, "
-                "the network broke, or a rank hung for --dist-timeout-seconds). The requeued "
-                "job resumes from the last checkpoint. Cause: %s",
-                self.step,
-                str(e).splitlines()[0] if str(e) else type(e).__name__,
-            )
-            self.log.debug("collective failure", exc_info=True)
-            return 1
         finally:
             self.scalars.close()
+
+    def evaluate_and_print(self) -> int:
+        """`python -m pmc_clip.evaluate`: evaluate, print the results (rank 0) as JSON."""
+        results = self.evaluate()
+        if self.rank == 0:
+            print(json.dumps(results, indent=1))
+        return 0
+
+    def stop_reason(self, error: Exception) -> str | None:
+        """What to log, in one line, when `error` ends a run after start-up (exit code 1),
+        or None when it is a bug, whose traceback is the message."""
+        if isinstance(error, TrainingStopped):
+            return str(error)
+        if isinstance(error, (ValueError, storage.StorageError)):
+            # Data found bad while running (a shard changed after it was indexed, duplicate
+            # val keys), a storage failure. From a data-loader worker the message carries
+            # the worker's traceback; its last line is the error itself.
+            return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        if not isinstance(error, RuntimeError):
+            return None
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        dead_worker = _DEAD_WORKER.search(cause)
+        if dead_worker:
+            # Raised by torch's SIGCHLD handler wherever this process was (even inside a
+            # collective); the other ranks then see this rank leave.
+            how = cause[dead_worker.end() :].strip(" .")
+            return (
+                f"data-loader worker (pid {dead_worker['pids']}) of rank {self.rank} died "
+                f"({how}; out of memory? see dmesg). The requeued job resumes from the last "
+                "checkpoint"
+            )
+        if self.world_size > 1:
+            # gloo and NCCL report a dead peer, a broken link or a collective that timed
+            # out (--dist-timeout-seconds) as RuntimeError/DistError from the collective.
+            return (
+                "a collective with the other ranks failed (a rank died, the network broke, or "
+                "a rank hung for --dist-timeout-seconds). The requeued job resumes from the "
+                f"last checkpoint. Cause: {cause}"
+            )
+        return None  # no peers: a bug
 
     def _end_of_epoch(self, epoch: int) -> None:
         last = epoch + 1 == self.config.train.epochs
@@ -557,6 +594,7 @@ class Trainer:
             "nonfinite_steps": self.num_nonfinite_total,
             "config": self.config.to_dict(),
             "rng": rng_states,
+            "tokenizer": self.tokenizer_identity,
         }
 
     def _resume(self) -> None:
@@ -564,9 +602,10 @@ class Trainer:
         if target is None:
             return
         if target == RELEASED_CHECKPOINT:
-            assert self.config.checkpoint.pmc_clip_beta is not None  # checked by the config
-            state_dict = checkpoint.load_pmc_clip_checkpoint(self.config.checkpoint.pmc_clip_beta)
-            self.model.load_state_dict(state_dict)
+            url = self.config.checkpoint.pmc_clip_beta
+            assert url is not None  # checked by the config
+            state_dict = checkpoint.load_pmc_clip_checkpoint(url)
+            self._load_weights(storage.redact_url(url), state_dict, saved_spec=None)
             self.log.info("initialised from the released PMC-CLIP weights")
             return
         path = checkpoint.resolve_latest(self.checkpoint_dir) if target == "latest" else target
@@ -576,19 +615,83 @@ class Trainer:
                 storage.redact_url(self.checkpoint_dir),
             )
             return
+        where = storage.redact_url(path)
         state = checkpoint.load_checkpoint(path)
-        saved = state["config"]["model"]
-        if (saved["model"], saved["mlm"]) != (self.config.model.model, self.config.model.mlm):
-            raise ValueError(
-                f"{storage.redact_url(path)} holds a --model {saved['model']}"
-                f"{' --mlm' if saved['mlm'] else ''} model; pass the same flags to load it"
-            )
-        self.model.load_state_dict(state["model"])
+        self._load_weights(where, state["model"], state["config"]["model"])
+        self._check_same_tokenizer(where, state.get("tokenizer"))
         if self.train_loader is None:
-            self.log.info(
-                "loaded weights from %s (step %d)", storage.redact_url(path), state["step"]
-            )
+            self.log.info("loaded weights from %s (step %d)", where, state["step"])
             return
+        try:
+            self._restore_training_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            # load_checkpoint checked the structure; this is state that fits no run of
+            # this model and data (a hand-edited or foreign file), or other data flags.
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"cannot continue from checkpoint {where}: {reason}") from None
+        self.log.info("resumed from %s at epoch %d step %d", where, self.epoch, self.step)
+
+    def _load_weights(
+        self, where: str, weights: dict[str, torch.Tensor], saved_spec: dict[str, Any] | None
+    ) -> None:
+        """Load `weights` whole, or stop at start-up saying what differs (never a partial
+        load, never load_state_dict's traceback of 300 missing keys). `saved_spec`: the
+        --model flags the checkpoint was saved with (None: the released weights)."""
+        spec = self.config.model
+        mine = {"model": spec.model, "mlm": spec.mlm}
+        if saved_spec is not None and any(saved_spec[k] != v for k, v in mine.items()):
+            raise ValueError(
+                f"{where} holds a {_model_flags(saved_spec)} model, this run builds a "
+                f"{_model_flags(dataclasses.asdict(spec))} one: pass the same flags to load it"
+            )
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in weights.items()}
+        differences = [
+            f"{k} is {list(found[k])} in the checkpoint, {list(expected[k])} here"
+            for k in sorted(expected.keys() & found.keys())
+            if found[k] != expected[k]
+        ]
+        for keys, what in (
+            (sorted(expected.keys() - found.keys()), "missing from the checkpoint"),
+            (sorted(found.keys() - expected.keys()), "not in this model"),
+        ):
+            if keys:
+                differences.append(f"{len(keys)} weights {what} (first: {keys[0]})")
+        if differences:
+            saved_with = (
+                f"It was saved with {_model_flags(saved_spec)}"
+                if saved_spec is not None
+                else "The released weights are --model RN50_fusion4 --mlm with the PubMedBERT "
+                "--text-encoder"
+            )
+            raise ValueError(
+                f"{where} does not fit the model this run builds "
+                f"({_model_flags(dataclasses.asdict(spec))}): {'; '.join(differences[:3])}. "
+                f"{saved_with}: pass the same flags (model config, text encoder, tokenizer)"
+            )
+        self.model.load_state_dict(weights)
+
+    def _check_same_tokenizer(self, where: str, saved: Any) -> None:
+        """Same shapes but another vocabulary (or order) would map token ids to other words
+        without an error. Checkpoints from before the tokenizer was recorded pass."""
+        if saved is None or saved == self.tokenizer_identity:
+            return
+        described = (
+            f"{saved.get('num_tokens')} tokens, vocabulary sha256 "
+            f"{str(saved.get('vocab_sha256'))[:12]}"
+            if isinstance(saved, dict)
+            else repr(saved)
+        )
+        mine = self.tokenizer_identity
+        raise ValueError(
+            f"{where} was trained with another tokenizer ({described}) than this run's "
+            f"({mine['num_tokens']} tokens, sha256 {mine['vocab_sha256'][:12]}): its token "
+            "ids would mean other words. Pass the --tokenizer (or --text-encoder) it was "
+            "trained with"
+        )
+
+    def _restore_training_state(self, state: dict[str, Any]) -> None:
+        assert self.train_loader is not None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -608,9 +711,24 @@ class Trainer:
                 len(state["rng"]),
                 self.world_size,
             )
-        self.log.info(
-            "resumed from %s at epoch %d step %d", storage.redact_url(path), self.epoch, self.step
-        )
+
+
+def _model_flags(spec: dict[str, Any]) -> str:
+    """The model flags of a ModelSpec (as a dict), as a command line would give them."""
+    flags = [f"--model {spec.get('model')}"]
+    flags += [
+        f"--{name.replace('_', '-')} {spec[name]}"
+        for name in ("text_encoder", "tokenizer")
+        if spec.get(name)
+    ]
+    return " ".join(flags + (["--mlm"] if spec.get("mlm") else []))
+
+
+def _tokenizer_identity(tokenizer: CaptionTokenizer) -> dict[str, Any]:
+    """Size and a hash of the vocabulary in id order: what token ids mean."""
+    by_id = sorted(tokenizer.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode()).hexdigest()
+    return {"num_tokens": len(by_id), "vocab_sha256": digest}
 
 
 _CONSOLE_KEYS = (
@@ -692,52 +810,62 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def cli(run: Callable[[list[str]], int], argv: list[str], prog: str) -> int:
-    """Run an entry point; a user error (ValueError) is one line and exit code 2, a
-    storage failure (StorageError, named by its redacted URL) one line and exit code 1."""
+def cli(
+    start: Callable[[list[str]], Trainer],
+    work: Callable[[Trainer], int],
+    argv: list[str],
+    prog: str,
+) -> int:
+    """Run an entry point: `start` parses the command line and builds the Trainer (the
+    start-up checks), `work` trains or evaluates. Exit codes, each failure one line:
+    2 a user error found at start-up (ValueError); 1 a storage failure (StorageError,
+    named by its redacted URL) or anything found after start-up (`Trainer.stop_reason`:
+    data errors, a dead data-loader worker or peer, a checkpoint that cannot be written;
+    a requeue may retry it); 130 Ctrl-C. Lines printed or logged go through the secret
+    filter installed first (metrics.install_secret_filter)."""
+    metrics.install_secret_filter(argv)
+    trainer: Trainer | None = None
     try:
-        return run(argv)
-    except ValueError as e:
-        # User errors are caught at start-up, before any step: say what to change.
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except storage.StorageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-
-
-def run_training(argv: list[str]) -> int:
-    config = parse_run_config(argv, "Pretrain PMC-CLIP.")
-    trainer = Trainer(config)  # start-up checks: a ValueError here is exit 2 (cli)
-    try:
-        return trainer.fit()
-    except ValueError as e:
-        # Found mid-run (a shard changed after it was indexed, a manifest of another
-        # version): not a command-line error. Exit 1, which a requeue may retry once the
-        # data is fixed; the checkpoints so far are kept.
-        # From a data-loader worker the message carries the worker's traceback; its last
-        # line is the error itself.
-        trainer.log.error(
-            "stopping at step %d: %s",
-            trainer.step,
-            (str(e).strip().splitlines() or [type(e).__name__])[-1],
-        )
-        trainer.log.debug("data error", exc_info=True)
+        trainer = start(argv)
+        return work(trainer)
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches every process of its group: data-loader workers end
+        # quietly (torch's worker loop expects it), this process says so here, once.
+        step = ""
+        if trainer is not None:
+            trainer.remove_staged_checkpoints()
+            step = f" at step {trainer.step}"
+        _print_line(f"{prog}: interrupted (Ctrl-C){step}; the checkpoints so far are kept")
+        return EXIT_CODE_INTERRUPTED
+    except (ValueError, RuntimeError, storage.StorageError) as e:
+        if trainer is None:
+            if isinstance(e, RuntimeError):
+                raise  # a bug at start-up: its traceback is the message
+            # User errors are caught at start-up, before any step: say what to change.
+            _print_line(f"{prog}: error: {e}")
+            return 2 if isinstance(e, ValueError) else 1
+        reason = trainer.stop_reason(e)
+        if reason is None:
+            raise
+        stage = "the evaluation" if trainer.train_loader is None else f"at step {trainer.step}"
+        trainer.log.error("stopping %s: %s", stage, reason)
+        trainer.log.debug("stopped by", exc_info=True)
         return 1
     finally:
         distributed.shutdown()
 
 
-def run_evaluation_only(argv: list[str]) -> int:
+def _print_line(line: str) -> None:
+    print(metrics.mask_secrets(line), file=sys.stderr)
+
+
+def start_training(argv: list[str]) -> Trainer:
+    return Trainer(parse_run_config(argv, "Pretrain PMC-CLIP."))
+
+
+def start_evaluation(argv: list[str]) -> Trainer:
     """`python -m pmc_clip.evaluate`: the training flags, --resume naming the weights."""
     config = parse_run_config(argv, "Evaluate a PMC-CLIP checkpoint.")
     if config.checkpoint.resume is None:
-        raise SystemExit("evaluate: --resume CHECKPOINT (or PMC_CLIP:beta) is required")
-    trainer = Trainer(config, train=False)
-    try:
-        results = trainer.evaluate()
-        if trainer.rank == 0:
-            print(json.dumps(results, indent=1))
-        return 0
-    finally:
-        distributed.shutdown()
+        raise ValueError("--resume CHECKPOINT (or PMC_CLIP:beta) is required")
+    return Trainer(config, train=False)

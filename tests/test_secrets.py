@@ -6,7 +6,9 @@ written locally, every object in the bucket and all captured output are read as 
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import subprocess
 import sys
 import traceback
@@ -18,7 +20,7 @@ import boto3
 import pytest
 import torch
 
-from pmc_clip import checkpoint, sharding, storage, train
+from pmc_clip import checkpoint, metrics, sharding, storage, train
 from pmc_clip.synthetic import SyntheticOptions, generate, write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,3 +231,42 @@ def test_released_checkpoint_loader_redacts_a_presigned_url(
         text = "".join(traceback.format_exception(caught.value))
         assert "Signature=REDACTED" in str(caught.value), str(caught.value)
         assert signature not in text
+
+
+def test_the_log_filter_masks_command_line_and_environment_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth behind redact_url: a record that quotes a credential anyway (a
+    library's message, an exception's text, its traceback), from any logger and through
+    a handler made after the filter was installed, shows *** instead."""
+    environment = {name: _marker() for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    user, signature, token = _marker(), _marker(), _marker()
+    presigned = f"https://host/ckpt.pt?X-Amz-Signature={signature}"
+    metrics.install_secret_filter(["--pmc-clip-beta", presigned, f"--resume=ck.pt?token={token}",
+                                   "--train-data", f"s3://KEY:{user}@bucket/x.tar"])  # fmt: skip
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("botocore.masking-test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("GET %s: 403", presigned)
+        logger.warning(
+            f"Invalid bucket name KEY:{user}@bucket, session {environment['AWS_SESSION_TOKEN']}"
+        )
+        try:
+            raise OSError(
+                f"key {environment['AWS_SECRET_ACCESS_KEY']} rejected reading ck.pt?token={token}"
+            )
+        except OSError:
+            logger.exception("upload failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert not [s for s in [*environment.values(), user, signature, token] if s in text], text
+    assert "GET https://host/ckpt.pt?X-Amz-Signature=***: 403" in text
+    assert "Invalid bucket name ***@bucket, session ***" in text  # user info: KEY:SECRET
+    assert "Traceback" in text and "OSError: key *** rejected reading ck.pt?token=***" in text

@@ -193,11 +193,18 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resume_continues(
 
 
 def _state(step: int) -> dict[str, Any]:
+    """What load_checkpoint checks a training checkpoint for, with made-up contents."""
     return {
         "format": checkpoint.CHECKPOINT_FORMAT,
         "step": step,
         "epoch": 0,
         "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+        "scaler": {},
+        "nonfinite_steps": 0,
+        "data": None,
+        "rng": [],
+        "config": {"model": {"model": "tiny", "mlm": False}},
     }
 
 

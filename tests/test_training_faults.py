@@ -1,9 +1,11 @@
-"""Training under faults: a rank killed or hung, kill -9 mid-checkpoint, NaN, disk full."""
+"""Training under faults: a rank or a data-loader worker killed or hung, kill -9
+mid-checkpoint, Ctrl-C, NaN, disk full, data errors found mid-run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,9 +25,9 @@ from helpers_train import (
     train_command,
 )
 
-from pmc_clip import checkpoint
+from pmc_clip import checkpoint, evaluate
 from pmc_clip.config import parse_run_config
-from pmc_clip.trainer import Trainer
+from pmc_clip.trainer import EXIT_CODE_INTERRUPTED, Trainer, TrainingStopped
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +198,10 @@ def test_too_many_nan_steps_stop_with_the_last_good_weights(
 ) -> None:
     trainer = in_process("nan-stop", "--max-consecutive-nonfinite", "3")
     checksums = _instrument(trainer, nan_steps=set(range(5, 100)))
-    assert trainer.fit() == 1
-    log = (tmp_path / "nan-stop" / "out.log").read_text()
-    assert "3 non-finite steps in a row at step 7: stopping" in log
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.fit()
+    assert "3 non-finite steps in a row at step 7: stopping" in str(stopped.value)
+    assert trainer.stop_reason(stopped.value) == str(stopped.value)  # cli: logged, exit 1
     latest = checkpoint.resolve_latest(str(tmp_path / "nan-stop" / "checkpoints"))
     assert latest is not None and latest.endswith("step_7.pt")
     saved = checkpoint.load_checkpoint(latest)
@@ -220,9 +223,10 @@ def test_disk_full_on_the_checkpoint_path_stops_cleanly(in_process: Any, tmp_pat
         ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(full)], check=True
     )
     try:
-        assert trainer.fit() == 1
-        log = (tmp_path / "full" / "out.log").read_text()
-        assert "could not write checkpoint" in log and "No space left on device" in log
+        with pytest.raises(TrainingStopped) as stopped:
+            trainer.fit()
+        assert "could not write checkpoint" in str(stopped.value)
+        assert "No space left on device" in str(stopped.value)
         assert checkpoint.resolve_latest(str(full)) == f"{full}/step_2.pt"
         assert checkpoint.load_checkpoint(f"{full}/step_2.pt")["step"] == 2
         assert sorted(os.listdir(full)) == ["latest.json", "step_2.pt", "step_2.pt.json"]
@@ -269,16 +273,27 @@ def test_a_data_error_found_mid_run_exits_1_in_one_line(
 
 
 def test_an_evaluation_error_after_an_epoch_keeps_that_epochs_checkpoint(
-    data: dict[str, str], tmp_path: Path
+    data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The epoch's checkpoint is saved before its evaluation: val data that fails there
-    (the same shards twice: duplicate keys) costs the evaluation, not the epoch."""
-    twice = {**data, "val": f"{data['val']}::{data['val']}"}
-    result = run(train_command(*train_args(twice, tmp_path, "dup", "--epochs", "1")))
+    (val shards that are garbage by now, though their indexes passed the start-up checks:
+    no val pair left) costs the evaluation, not the epoch."""
+    broken = shutil.copytree(Path(data["val"]).parent, tmp_path / "broken")
+    for shard in broken.glob("pmc-oa-valid-*.tar"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)
+    garbage = {**data, "val": str(broken / Path(data["val"]).name)}
+    result = run(train_command(*train_args(garbage, tmp_path, "bad", "--epochs", "1")))
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "duplicate keys" in result.stderr and "Traceback" not in result.stderr
-    latest = json.loads((tmp_path / "dup" / "checkpoints" / "latest.json").read_text())
+    assert "got no val pairs" in result.stderr and "Traceback" not in result.stderr
+    latest = json.loads((tmp_path / "bad" / "checkpoints" / "latest.json").read_text())
     assert latest["name"] == "epoch_1.pt"
+    # `python -m pmc_clip.evaluate` finds it mid-evaluation too: exit 1 (it was 2, which
+    # is for the command line), one line.
+    resume = str(tmp_path / "bad" / "checkpoints" / "epoch_1.pt")
+    assert evaluate.main(train_args(garbage, tmp_path, "bad-eval", "--resume", resume)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert errors[0].endswith("stopping the evaluation: retrieval evaluation got no val pairs")
     # What can be checked before training is: --test-2000 with 16 val pairs.
     early = run(train_command(*train_args(data, tmp_path, "t2000", "--test-2000")))
     assert early.returncode == 2
@@ -298,3 +313,95 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_found_at_start_up(
     assert f"--checkpoint-dir {missing} cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nowrite" / "metrics.jsonl").exists()
+
+
+def _data_loader_workers(rank_pid: int) -> list[int]:
+    """A rank's data-loader workers: the children forked from it (the same command line;
+    multiprocessing's helper processes run another)."""
+    command = Path(f"/proc/{rank_pid}/cmdline").read_bytes()
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == rank_pid and (stat.parent / "cmdline").read_bytes() == command:
+                workers.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # a process that ended while listed
+    return workers
+
+
+@pytest.mark.slow
+def test_a_killed_data_loader_worker_is_named_and_every_rank_stops(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """kill -9 of one of rank 1's workers: rank 1 names the worker and itself, rank 0
+    reports that a peer stopped; both exit 1 (without the fix: rank 1 ended in a
+    traceback, or blamed the other ranks)."""
+    timeout_seconds = 8
+    args = train_args(
+        data, tmp_path, "job", "--epochs", "50", "--dist-timeout-seconds", str(timeout_seconds)
+    )
+    procs = _start_ranks(args, world_size=2)
+    try:
+        _wait_for_steps(tmp_path / "job", 3, procs)
+        workers = _data_loader_workers(procs[1].pid)
+        assert len(workers) == 1, workers  # --workers 1
+        os.kill(workers[0], signal.SIGKILL)
+        killed = time.monotonic()
+        outputs = [proc.communicate(timeout=DEADLINE_SECONDS)[0] for proc in procs]
+        waited = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [1, 1], outputs[1][-3000:]
+    assert waited < timeout_seconds + 30, waited
+    errors = [line for line in outputs[1].splitlines() if " ERROR " in line]
+    assert len(errors) == 1, outputs[1][-3000:]
+    assert (
+        "[rank 1] ERROR stopping at step " in errors[0]
+        and f"data-loader worker (pid {workers[0]}) of rank 1 died (is killed by signal: Killed"
+        in errors[0]
+    ), errors[0]
+    assert "a collective with the other ranks failed" in outputs[0]
+    assert "Traceback" not in outputs[0] + outputs[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_quietly_with_130_and_leaves_no_staged_checkpoint(
+    data: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGINT to the whole process group (a terminal's Ctrl-C: the data-loader workers get
+    it too) while a checkpoint is being written: one line, exit 130, no traceback from
+    any process, no staged file; latest.json names a complete checkpoint."""
+    args = train_args(data, tmp_path, "job", "--epochs", "50", "--save-every-n-steps", "1")
+    proc = subprocess.Popen(
+        train_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    checkpoints = tmp_path / "job" / "checkpoints"
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    try:
+        while not ((checkpoints / "latest.json").exists() and any(checkpoints.glob(".tmp-*"))):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=DEADLINE_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_CODE_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    interrupted = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(interrupted) == 1 and interrupted[0].startswith(
+        "pmc_clip.train: interrupted (Ctrl-C) at step "
+    )
+    assert not list(checkpoints.glob(".tmp-*"))
+    latest = checkpoint.resolve_latest(str(checkpoints))
+    assert latest is not None and checkpoint.load_checkpoint(latest)["step"] >= 1
