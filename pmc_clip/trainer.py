@@ -279,9 +279,11 @@ class Trainer:
 
     def remove_staged_checkpoints(self) -> None:
         """Rank 0, the folder's only writer: remove the staged file of a save that was
-        killed (at start-up) or interrupted (Ctrl-C, wherever it landed in the save)."""
+        killed (at start-up) or interrupted (Ctrl-C, wherever it landed in the save), and
+        the local staging files of S3 uploads whose process on this host has ended."""
         if self.rank == 0:
             storage.remove_stale_staging_files(*storage.url_to_fs(self.checkpoint_dir))
+            storage.remove_orphaned_uploads()
 
     # ------------------------------------------------------------------ training
 

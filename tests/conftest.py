@@ -22,6 +22,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _pmc_clip_logger_reset() -> Iterator[None]:
+    """A Trainer built in-process (metrics.setup_logging) gives the `pmc_clip` logger a
+    handler bound to that test's captured stderr, which pytest closes after it: later
+    tests logging through it would print "--- Logging error ---" tracebacks instead."""
+    yield
+    logger = logging.getLogger("pmc_clip")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1, with dummy credentials in the environment (so

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from helpers_text import build_tokenizer
 
+from pmc_clip import storage
 from pmc_clip.config import DataConfig
 from pmc_clip.sharding import ShardOptions, make_key, make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate
@@ -38,16 +41,18 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def make_figures(root: Path, num_articles: int) -> tuple[str, str]:
-    """A synthetic PMC-OA stand-in (4 figures per article, 32-48 px); (jsonl, images)."""
+def make_figures(
+    root: Path, num_articles: int, min_side: int = 32, max_side: int = 48
+) -> tuple[str, str]:
+    """A synthetic PMC-OA stand-in (4 figures per article); (jsonl, images)."""
     jsonl = generate(
         SyntheticOptions(
             output=str(root / "raw"),
             num_articles=num_articles,
             figures_per_article=2,
             subfigures_per_figure=2,
-            min_side=32,
-            max_side=48,
+            min_side=min_side,
+            max_side=max_side,
         )
     )
     return jsonl, str(root / "raw" / "images")
@@ -114,3 +119,13 @@ def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
             if isinstance(value, torch.Tensor) and not torch.equal(value, y[name]):
                 return False
     return True
+
+
+def killed_process_owner() -> storage.ProcessOwner:
+    """The identity of a process of this host killed with -9 (and reaped)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    owner = storage.ProcessOwner(socket.gethostname(), proc.pid, storage._process_start(proc.pid))
+    proc.kill()
+    proc.wait()
+    assert owner.start is not None and owner.is_gone()
+    return owner

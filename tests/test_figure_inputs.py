@@ -316,11 +316,16 @@ def test_object_over_the_limit_is_never_downloaded(tmp_path: Path, fault_proxy: 
 
 
 def test_an_image_store_failing_stops_the_run_and_the_rerun_resumes(
-    tmp_path: Path, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    fault_proxy: FaultProxy,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A figure the store will not serve (503s after the client's retries) is the store
     failing, not a bad row: one line, exit 1, nothing skipped; the rerun completes."""
     import fsspec
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's throttling backoff: seconds
 
     fs = fsspec.filesystem("s3")
     names = [f"fig{i}.jpg" for i in range(4)]

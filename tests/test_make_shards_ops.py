@@ -19,28 +19,19 @@ from typing import Any
 
 import fsspec
 import pytest
+from helpers_data import killed_process_owner, make_figures
 from PIL import Image
 
 from pmc_clip import output_lock, storage
 from pmc_clip.sharding import ShardOptions, main, make_shards
-from pmc_clip.synthetic import SyntheticOptions, generate
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _dataset(root: Path, num_articles: int = 2, max_side: int = 24) -> tuple[Path, Path]:
     """`num_articles` x 4 small figures and their rows (pmc_oa.jsonl)."""
-    jsonl = generate(
-        SyntheticOptions(
-            output=str(root / "data"),
-            num_articles=num_articles,
-            figures_per_article=2,
-            subfigures_per_figure=2,
-            min_side=16,
-            max_side=max_side,
-        )
-    )
-    return Path(jsonl), root / "data" / "images"
+    jsonl, images = make_figures(root, num_articles, min_side=16, max_side=max_side)
+    return Path(jsonl), Path(images)
 
 
 def _options(jsonl: Path, images: Path, output: Path | str, **overrides: Any) -> ShardOptions:
@@ -282,7 +273,7 @@ def test_an_s3_output_lock_is_refused_while_live_and_taken_over_once_stale(
 
     # Held by a process of this host that has ended (kill -9): taken over at once.
     monkeypatch.setattr(output_lock, "EXPIRY_SECONDS", 600.0)
-    dead = _killed_process()
+    dead = killed_process_owner()
     _put_lock(lock, dead.host, dead.pid, dead.start)
     assert main(_argv(_options(jsonl, images, output))) == 0
     assert f"pid {dead.pid} on host {dead.host}" in capsys.readouterr().err
@@ -304,16 +295,6 @@ def test_a_run_whose_s3_lock_was_taken_over_learns_it_at_its_next_renewal(
                 lock.check()
                 time.sleep(0.05)
     assert json.loads(fs.cat_file(lock_url))["host"] == "other-host"  # left to its holder
-
-
-def _killed_process() -> storage.ProcessOwner:
-    """The identity of a process of this host killed with -9 (and reaped)."""
-    proc = subprocess.Popen(["sleep", "60"])
-    owner = storage.ProcessOwner(socket.gethostname(), proc.pid, storage._process_start(proc.pid))
-    proc.kill()
-    proc.wait()
-    assert owner.start is not None and owner.is_gone()
-    return owner
 
 
 # --------------------------------------------------------------------------- faults
@@ -413,7 +394,7 @@ def test_staged_uploads_of_killed_runs_are_removed_and_no_one_elses(
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    dead = _killed_process()
+    dead = killed_process_owner()
     staged = {
         "killed": f"pmc_clip-upload+{dead.tag()}+k1",
         "live": f"pmc_clip-upload+{storage.ProcessOwner.current().tag()}+l1",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
+from helpers_data import killed_process_owner
 from helpers_train import (
     DEADLINE_SECONDS,
     REPO,
@@ -181,8 +182,14 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resume_continues(
     stopped_at = max(metrics_by_step(tmp_path / "preempt"))
     latest = checkpoint.resolve_latest(checkpoints)
     assert latest == f"{checkpoints}/step_{stopped_at}.pt"
-    # The requeued job: same command, resumes from `latest` on S3 and finishes.
-    result = run(args)
+    # The requeued job: same command, resumes from `latest` on S3 and finishes, and
+    # removes what a save killed in the middle of an upload left in the temp folder.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    orphan = temp / f"pmc_clip-upload+{killed_process_owner().tag()}+x"
+    orphan.write_bytes(b"half a checkpoint")
+    result = run(args, env={**os.environ, "TMPDIR": str(temp)})
+    assert not orphan.exists()
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(1, 17)), steps  # continued, not restarted

@@ -45,6 +45,24 @@ def _wait_for_steps(run_dir: Path, num_steps: int, procs: list[subprocess.Popen[
         time.sleep(0.02)
 
 
+def _two_ranks_at_step_3(
+    data: dict[str, str], tmp_path: Path, timeout_seconds: int
+) -> list[subprocess.Popen[str]]:
+    """A long 2-rank run (logs in tmp_path/job) that has done 3 steps."""
+    args = train_args(
+        data, tmp_path, "job", "--epochs", "50", "--dist-timeout-seconds", str(timeout_seconds)
+    )
+    procs = _start_ranks(args, world_size=2)
+    try:
+        _wait_for_steps(tmp_path / "job", 3, procs)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+        raise
+    return procs
+
+
 def _start_ranks(args: list[str], world_size: int) -> list[subprocess.Popen[str]]:
     """One process per rank, started the way launch/pretrain_8node.sh's srun tasks are."""
     port = str(free_port())
@@ -76,12 +94,8 @@ def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(
     data: dict[str, str], tmp_path: Path, fault: str
 ) -> None:
     timeout_seconds = 8
-    args = train_args(
-        data, tmp_path, "job", "--epochs", "50", "--dist-timeout-seconds", str(timeout_seconds)
-    )
-    procs = _start_ranks(args, world_size=2)
+    procs = _two_ranks_at_step_3(data, tmp_path, timeout_seconds)
     try:
-        _wait_for_steps(tmp_path / "job", 3, procs)
         procs[1].send_signal(signal.SIGKILL if fault == "kill -9" else signal.SIGSTOP)
         faulted = time.monotonic()
         output, _ = procs[0].communicate(timeout=DEADLINE_SECONDS)
@@ -338,12 +352,8 @@ def test_a_killed_data_loader_worker_is_named_and_every_rank_stops(
     reports that a peer stopped; both exit 1 (without the fix: rank 1 ended in a
     traceback, or blamed the other ranks)."""
     timeout_seconds = 8
-    args = train_args(
-        data, tmp_path, "job", "--epochs", "50", "--dist-timeout-seconds", str(timeout_seconds)
-    )
-    procs = _start_ranks(args, world_size=2)
+    procs = _two_ranks_at_step_3(data, tmp_path, timeout_seconds)
     try:
-        _wait_for_steps(tmp_path / "job", 3, procs)
         workers = _data_loader_workers(procs[1].pid)
         assert len(workers) == 1, workers  # --workers 1
         os.kill(workers[0], signal.SIGKILL)
