@@ -4,7 +4,9 @@ The released `checkpoint.pt` (PMC_CLIP:beta) is a dict {epoch, name, state_dict,
 optimizer, scaler} saved from a DDP-wrapped model (keys may start with `module.`), with
 numpy scalars pickled inside, and a BERT buffer (`embeddings.position_ids`) that current
 transformers no longer keeps. It is read with `weights_only=True` (no arbitrary code
-runs while unpickling) plus an explicit allow-list of the numpy globals it needs.
+runs while unpickling) plus an explicit allow-list of the numpy globals it needs. Its
+weights compute the original's function with the original's model options: load them into
+`released_model_name(model)` (RN50_fusion4 -> RN50_fusion4_original).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from pmc_clip import storage
 from pmc_clip.config import RELEASED_CHECKPOINT as RELEASED_CHECKPOINT_NAME
+from pmc_clip.model import list_models
 
 DDP_PREFIX = "module."
 DROPPED_KEYS = ("text_encoder.embeddings.position_ids",)  # a buffer new transformers rejects
@@ -56,6 +59,20 @@ def _local_copy(path_or_url: str) -> str:
     if not os.path.exists(local_path):
         torch.hub.download_url_to_file(path_or_url, local_path)
     return local_path
+
+
+# The released weights compute the original's function only with the original's options
+# (pads attended, the masked caption as the contrastive feature: see model/config.py). A
+# bundled model with a `<name>_original` twin (RN50_fusion4 -> RN50_fusion4_original) is
+# swapped for it when the released weights are loaded; a JSON config is used as given.
+ORIGINAL_SUFFIX = "_original"
+
+
+def released_model_name(model: str) -> str:
+    """The model to build for the released weights when `--model` names `model`: its
+    bundled `_original` twin if there is one, else `model` itself."""
+    twin = model + ORIGINAL_SUFFIX
+    return twin if twin in list_models() else model
 
 
 def load_pmc_clip_checkpoint(path_or_url: str) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from pmc_clip.storage import argument_secrets, redact_url, refuse_url_credential
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Eval preprocessing (--eval-preprocess): ours, or the original's for its published numbers.
+EVAL_PREPROCESS_CHOICES = ("fast", "original")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class DataConfig:
     pin_memory: bool = True
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area fraction (paper: 0.5)
+    # Eval centre crop: "fast" (ours) or "original" (the original PMC-CLIP's torchvision
+    # steps, full decode: to reproduce its published numbers); see pmc_clip/transforms.py.
+    eval_preprocess: str = "fast"
     # Training sample order (pmc_clip/sample_order.py): runs of this many consecutive
     # samples of a shard are shuffled every epoch; a run is one range request. None:
     # 1 (every sample on its own) for local shards or with cache_dir, where a run is a
@@ -97,6 +103,11 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {low} {high}")
+        if self.eval_preprocess not in EVAL_PREPROCESS_CHOICES:
+            raise ValueError(
+                f"--eval-preprocess must be one of {EVAL_PREPROCESS_CHOICES}, "
+                f"got {self.eval_preprocess!r}"
+            )
         for name in ("train_num_samples", "val_num_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -270,17 +281,27 @@ class EvalConfig:
             raise ValueError("--similarity-chunk-size must be >= 1")
 
 
+REPORTERS = ("tensorboard", "wandb")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     logs: str = "./logs"
     name: str | None = None  # None: a timestamped name
-    report_to: tuple[str, ...] = ("tensorboard",)
+    report_to: tuple[str, ...] = ("tensorboard",)  # any of REPORTERS
     log_every_n_steps: int = 10
+    wandb_project: str = "pmc_clip"
 
     def __post_init__(self) -> None:
-        unknown = set(self.report_to) - {"tensorboard"}
+        unknown = set(self.report_to) - set(REPORTERS)
         if unknown:
-            raise ValueError(f"--report-to accepts tensorboard (or nothing), got {sorted(unknown)}")
+            raise ValueError(
+                f"--report-to accepts {' and '.join(REPORTERS)} (or nothing), got {sorted(unknown)}"
+            )
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "--report-to wandb needs the wandb package: pip install 'pmc_clip[wandb]'"
+            )
         if self.log_every_n_steps < 1:
             raise ValueError(f"--log-every-n-steps must be >= 1, got {self.log_every_n_steps}")
 
@@ -346,6 +367,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--val-batch-size", "data", "val_batch_size", {"type": int}),
     ("--workers", "data", "num_workers", {"type": int}),
     ("--crop-scale", "data", "crop_scale", {"type": float, "nargs": 2}),
+    ("--eval-preprocess", "data", "eval_preprocess", {"choices": EVAL_PREPROCESS_CHOICES}),
     ("--shuffle-span-samples", "data", "span_samples", {"type": int}),
     ("--num-canonical-nodes", "data", "num_canonical_nodes", {"type": int}),
     ("--cache-dir", "data", "cache_dir", {}),
@@ -395,6 +417,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--name", "log", "name", {}),
     ("--report-to", "log", "report_to", {"nargs": "*"}),
     ("--log-every-n-steps", "log", "log_every_n_steps", {"type": int}),
+    ("--wandb-project", "log", "wandb_project", {}),
     ("--device", "dist", "device", {"choices": ("auto", "cuda", "cpu")}),
     ("--dist-backend", "dist", "dist_backend", {"choices": ("nccl", "gloo")}),
     ("--dist-timeout-seconds", "dist", "dist_timeout_seconds", {"type": float}),

@@ -562,6 +562,7 @@ class SampleProcessor:
 
     image_size: int
     crop_scale: tuple[float, float] | None  # None: eval transform (centre crop)
+    eval_preprocess: str = "fast"  # the eval transform's (transforms.eval_transform)
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         key = sample["__key__"]
@@ -577,7 +578,7 @@ class SampleProcessor:
             raise ValueError("empty caption")  # nothing to contrast the image with
         with Image.open(io.BytesIO(sample[image_ext]), formats=PIL_FORMATS) as image:
             if self.crop_scale is None:
-                pixels = transforms.eval_transform(image, self.image_size)
+                pixels = transforms.eval_transform(image, self.image_size, self.eval_preprocess)
             else:
                 pixels = transforms.train_transform(image, self.image_size, self.crop_scale, rng)
         return {"key": key, "image": pixels, "caption": caption, "rng": rng}
@@ -942,7 +943,8 @@ class ShardStream(IterableDataset):
         # Filesystems are created lazily in this process (s3fs is not fork-safe).
         opener = storage.ShardOpener(self.filesystems, counters.read)
         urls = spec.dataset.urls[spec.rank :: spec.world_size][worker::num_workers]
-        decoder = SampleDecoder(SampleProcessor(spec.config.image_size, None), counters)
+        processor = SampleProcessor(spec.config.image_size, None, spec.config.eval_preprocess)
+        decoder = SampleDecoder(processor, counters)
         pipeline = wds.DataPipeline(
             shard_urls(urls, opener),
             read_shards(opener, counters, spec.dataset.shard_size, spec.config.max_member_bytes),

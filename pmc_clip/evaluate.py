@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from pmc_clip import transforms
+from pmc_clip import metrics, transforms
 from pmc_clip.model import PMCClip
 from pmc_clip.tokenize import IGNORE_INDEX, CaptionTokenizer
 
@@ -43,7 +43,7 @@ ZEROSHOT_TEMPLATES = (
     "a microscopy image of {}.",
     "a medical image showing {}.",
 )
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -61,16 +61,19 @@ def autocast_context(device: torch.device, precision: str) -> Any:
 
 
 @torch.no_grad()
-def embed(model: PMCClip, batches: Any, device: torch.device, precision: str) -> Embeddings:
+def embed(
+    model: PMCClip, batches: Any, device: torch.device, precision: str, progress: bool = False
+) -> Embeddings:
     """Embed this rank's val batches. `model` is the bare PMCClip (not DDP: evaluation
-    ranks see different batch counts and must not meet in the model's collectives)."""
+    ranks see different batch counts and must not meet in the model's collectives).
+    `progress`: a tqdm bar on stderr, drawn only when stderr is a terminal."""
     was_training = model.training
     model.eval()
     keys: list[str] = []
     image_parts, text_parts = [], []
     mlm_correct = mlm_total = 0
     masked_contrastive = model.config.contrastive_text == "masked"
-    for batch in batches:
+    for batch in metrics.progress_bar(batches, "embedding", enabled=progress):
         images = transforms.normalize_images(batch["images"].to(device, non_blocking=True))
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(device, non_blocking=True)
@@ -205,7 +208,8 @@ def evaluate_retrieval(
     test_2000_seed: int | None = None,
 ) -> dict[str, float]:
     """Embed on all ranks, gather, score in blocks. Every rank must call it."""
-    embeddings = gather_embeddings(embed(model, batches, device, precision), world_size, device)
+    local = embed(model, batches, device, precision, progress=rank == 0)
+    embeddings = gather_embeddings(local, world_size, device)
     if test_2000_seed is not None:
         embeddings = select_test_2000(embeddings, test_2000_seed)
     metrics = retrieval_metrics(
@@ -234,7 +238,7 @@ def read_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         (os.path.join(root, name, file), index)
         for index, name in enumerate(classes)
         for file in sorted(os.listdir(os.path.join(root, name)))
-        if file.lower().endswith(_IMAGE_SUFFIXES)
+        if file.lower().endswith(IMAGE_SUFFIXES)
     ]
     return classes, items
 
@@ -256,35 +260,60 @@ def macro_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def class_text_features(
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+) -> torch.Tensor:
+    """[C, D] zero-shot classifier: each class's prompts (`template.format(name)`) encoded,
+    L2-normalised, averaged and normalised again (CLIP's prompt ensembling)."""
+    return torch.stack(
+        [
+            F.normalize(
+                F.normalize(encode_texts([t.format(name) for t in templates]).float(), dim=-1).mean(
+                    0
+                ),
+                dim=-1,
+            )
+            for name in class_names
+        ]
+    )
+
+
 def zero_shot_classification(
     model: PMCClip,
     tokenizer: CaptionTokenizer,
     root: str,
-    image_size: int,
     device: torch.device,
     precision: str,
     batch_size: int = 64,
     templates: Sequence[str] = ZEROSHOT_TEMPLATES,
+    preprocess: str = "fast",
 ) -> dict[str, float]:
     """Accuracy and macro AUC (%) of classifying images by their similarity to prompts
-    built from the class folder names ('_' read as a space)."""
+    built from the class folder names ('_' read as a space). Images are centre-cropped
+    at the model's own input size (`preprocess`: see transforms.eval_transform)."""
     classes, items = read_image_folder(root)
+    image_size = model.config.image_size
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(0)  # unused by unmasked tokenisation; the API takes one
-    class_embeddings = []
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        tokens = [tokenizer(text, rng) for text in texts]
+        ids = torch.stack([t["input_ids"] for t in tokens]).to(device)
+        mask = torch.stack([t["attention_mask"] for t in tokens]).to(device)
+        return model.encode_text(ids, mask)
+
     with autocast_context(device, precision):
-        for name in classes:
-            tokens = [tokenizer(t.format(name.replace("_", " ")), rng) for t in templates]
-            ids = torch.stack([t["input_ids"] for t in tokens]).to(device)
-            mask = torch.stack([t["attention_mask"] for t in tokens]).to(device)
-            prompts = F.normalize(model.encode_text(ids, mask).float(), dim=-1)
-            class_embeddings.append(F.normalize(prompts.mean(0), dim=-1))
-        classifier = torch.stack(class_embeddings)  # [C, D]
+        names = [name.replace("_", " ") for name in classes]
+        classifier = class_text_features(encode_texts, names, templates)  # [C, D]
         logits, labels = [], []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            images = torch.stack([_load_eval_image(path, image_size) for path, _ in chunk])
+            images = torch.stack(
+                [_load_eval_image(path, image_size, preprocess) for path, _ in chunk]
+            )
             images = transforms.normalize_images(images.to(device))
             features = F.normalize(model.encode_image(images).float(), dim=-1)
             logits.append((features @ classifier.T).cpu())
@@ -301,9 +330,9 @@ def zero_shot_classification(
     }
 
 
-def _load_eval_image(path: str, image_size: int) -> torch.Tensor:
+def _load_eval_image(path: str, image_size: int, preprocess: str) -> torch.Tensor:
     with Image.open(path) as image:
-        pixels = transforms.eval_transform(image, image_size)
+        pixels = transforms.eval_transform(image, image_size, preprocess)
     slot = transforms.empty_batch(1, image_size)[0]
     transforms.write_image(slot, pixels)
     return slot

@@ -1,4 +1,5 @@
-"""Where numbers go: a console line, a plain-text log, and TensorBoard (rank 0 only).
+"""Where numbers go: a console line, a plain-text log, TensorBoard and Weights & Biases
+(rank 0 only).
 
 Other ranks log warnings and errors to stderr only, so a 64-rank job's log reads like a
 one-rank job's. Scalars passed here are already averaged over ranks by the caller.
@@ -12,11 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from tqdm import tqdm
 
 from pmc_clip.storage import argument_secrets
+
+T = TypeVar("T")
 
 LOGGER_NAME = "pmc_clip"
 MASK = "***"
@@ -129,11 +135,22 @@ def _masking_factory(
     return make_masked_record
 
 
-class ScalarWriter:
-    """TensorBoard scalars on rank 0; a no-op elsewhere or without --report-to tensorboard."""
+# The x-axis of every Weights & Biases chart: the optimizer step, logged as a value rather
+# than as wandb's own step counter, so a requeued run that resumes from a checkpoint older
+# than its last logged step still has its new points plotted (wandb drops `step=` values
+# that go back).
+WANDB_STEP_METRIC = "trainer/step"
+# In the run directory: the id of its wandb run, so `--resume latest` continues that run.
+WANDB_RUN_ID_FILE = "wandb_run_id"
 
-    def __init__(self, tensorboard_dir: str | None) -> None:
+
+class ScalarWriter:
+    """TensorBoard and Weights & Biases scalars on rank 0; a no-op elsewhere or without
+    --report-to. `wandb_run`: from start_wandb_run."""
+
+    def __init__(self, tensorboard_dir: str | None, wandb_run: Any = None) -> None:
         self._writer: Any = None
+        self._wandb_run = wandb_run
         if tensorboard_dir is not None:
             # Imported only where used: tensorboard pulls in a large dependency tree.
             from torch.utils.tensorboard import SummaryWriter
@@ -141,6 +158,8 @@ class ScalarWriter:
             self._writer = SummaryWriter(tensorboard_dir)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.log({**scalars, WANDB_STEP_METRIC: step})
         if self._writer is None:
             return
         for name, value in scalars.items():
@@ -150,6 +169,51 @@ class ScalarWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def start_wandb_run(run_dir: str, name: str, project: str, config: dict[str, Any]) -> Any:
+    """Start (or, when `run_dir` names one, continue) the run's Weights & Biases run.
+    `config` must be the redacted RunConfig.to_dict(). wandb's files go under WANDB_DIR,
+    else under `run_dir`; WANDB_MODE=offline keeps them local."""
+    # The optional extra: LogConfig checked at start-up that it is installed.
+    import wandb
+
+    id_path = os.path.join(run_dir, WANDB_RUN_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(8)  # wandb takes any [a-z0-9] id
+        os.makedirs(run_dir, exist_ok=True)
+        staged = f"{id_path}.tmp-{os.getpid()}"
+        with open(staged, "w") as f:
+            f.write(run_id + "\n")
+        os.replace(staged, id_path)
+    run = wandb.init(
+        project=project,
+        name=name,
+        id=run_id,
+        resume="allow",
+        config=config,
+        dir=os.environ.get("WANDB_DIR") or run_dir,
+        # No system metadata: it holds the raw command line (sys.argv), where a presigned
+        # URL's signature or a URL's user info would reach wandb unmasked.
+        settings=wandb.Settings(x_disable_meta=True),
+    )
+    run.define_metric(WANDB_STEP_METRIC)
+    run.define_metric("*", step_metric=WANDB_STEP_METRIC)
+    return run
+
+
+def progress_bar(
+    items: Iterable[T], description: str, enabled: bool = True, total: int | None = None
+) -> Iterable[T]:
+    """`items`, with a tqdm bar on stderr when `enabled` and stderr is a terminal (tqdm's
+    disable=None): a batch job's log file gets no bar redrawn thousands of times."""
+    return tqdm(items, description, total=total, leave=False, disable=None if enabled else True)
 
 
 def format_scalars(scalars: dict[str, float]) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,13 +35,13 @@ import torch
 import torch.distributed as dist
 
 from pmc_clip import checkpoint, distributed, evaluate, metrics, optim, storage, transforms
+from pmc_clip.api import build_model, build_tokenizer, tokenizer_identity
 from pmc_clip.config import RELEASED_CHECKPOINT, DataConfig, RunConfig, parse_run_config
 from pmc_clip.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from pmc_clip.losses import ClipLoss, PMCClipLoss
-from pmc_clip.model import PUBMEDBERT, PMCClip, create_model, load_config
+from pmc_clip.model import PMCClip
 from pmc_clip.model.pmc_clip import MAX_LOGIT_SCALE
 from pmc_clip.sharding import ShardOptions, make_shards
-from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
 # Exit code of a run stopped by SIGUSR1/SIGTERM after saving its checkpoint: the launch
 # scripts requeue the job on it (launch/pretrain_8node.sh).
@@ -77,6 +76,14 @@ class Trainer:
         self, config: RunConfig, info: distributed.DistInfo | None = None, train: bool = True
     ) -> None:
         """train=False builds for evaluation only: no train data, optimizer state unused."""
+        if config.checkpoint.resume == RELEASED_CHECKPOINT:
+            # The released weights compute the original's function only with its options
+            # (RN50_fusion4 -> RN50_fusion4_original); in self.config, so this run's
+            # checkpoints name the model they hold.
+            released_model = checkpoint.released_model_name(config.model.model)
+            config = dataclasses.replace(
+                config, model=dataclasses.replace(config.model, model=released_model)
+            )
         self.config = config
         self.info = info or distributed.detect()
         self.rank, self.world_size = self.info.rank, self.info.world_size
@@ -95,8 +102,8 @@ class Trainer:
 
         # Same seed everywhere for the initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.train.seed)
-        self.tokenizer = self._build_tokenizer()
-        self.tokenizer_identity = _tokenizer_identity(self.tokenizer)
+        self.tokenizer = build_tokenizer(config.model)
+        self.tokenizer_identity = tokenizer_identity(self.tokenizer)
         self.model = self._build_model()
         self.optimizer = optim.build_optimizer(self.model, config.optim)
         self.scaler = torch.amp.GradScaler(
@@ -150,10 +157,17 @@ class Trainer:
         self.forward_model: Any = self.ddp_model
         if config.model.torch_compile:
             self.forward_model = torch.compile(self.ddp_model)
+        report_to = config.log.report_to if self.rank == 0 else ()
         self.scalars = metrics.ScalarWriter(
-            os.path.join(self.run_dir, "tensorboard")
-            if self.rank == 0 and "tensorboard" in config.log.report_to
-            else None
+            os.path.join(self.run_dir, "tensorboard") if "tensorboard" in report_to else None,
+            metrics.start_wandb_run(
+                self.run_dir,
+                os.path.basename(self.run_dir),
+                config.log.wandb_project,
+                config.to_dict(),
+            )
+            if "wandb" in report_to
+            else None,
         )
         self.last_save_time = time.monotonic()
         self._prepare_run_dir()
@@ -178,28 +192,9 @@ class Trainer:
             name = names[0]
         return name
 
-    def _build_tokenizer(self) -> CaptionTokenizer:
-        spec = self.config.model
-        name = spec.tokenizer or spec.text_encoder or PUBMEDBERT
-        probability = spec.mlm_probability if spec.mlm else 0.0
-        return CaptionTokenizer(load_tokenizer(name), mlm_probability=probability)
-
     def _build_model(self) -> PMCClip:
         spec = self.config.model
-        model_config = load_config(spec.model).replace(mlm=spec.mlm)
-        num_tokens = len(self.tokenizer.tokenizer)
-        if spec.text_encoder is None:
-            # A randomly initialised text tower takes its vocabulary from the tokenizer
-            # (PubMedBERT's 30522 for the real model, a few hundred for generated data).
-            text_config = {**model_config.text_config, "vocab_size": num_tokens}
-            model_config = model_config.replace(text_config=text_config)
-        model = create_model(model_config, text_encoder=spec.text_encoder)
-        vocab_size = int(model.config.text_config["vocab_size"])
-        if num_tokens > vocab_size:
-            raise ValueError(
-                f"the tokenizer has {num_tokens} tokens but the text encoder "
-                f"{spec.text_encoder!r} embeds only {vocab_size}: pass its own --tokenizer"
-            )
+        model = build_model(spec, self.tokenizer)
         if spec.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(self.device)
@@ -307,7 +302,10 @@ class Trainer:
 
     def evaluate_and_print(self) -> int:
         """`python -m pmc_clip.evaluate`: evaluate, print the results (rank 0) as JSON."""
-        results = self.evaluate()
+        try:
+            results = self.evaluate()
+        finally:
+            self.scalars.close()  # ends a --report-to wandb run
         if self.rank == 0:
             print(json.dumps(results, indent=1))
         return 0
@@ -508,6 +506,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Retrieval on the val shards (all ranks), zero-shot on rank 0; logged."""
+        self._use_rank0_buffers()
         results: dict[str, float] = {}
         if self.val_loader is not None:
             test_2000_seed = self.config.eval.test_2000_seed if self.config.eval.test_2000 else None
@@ -528,9 +527,9 @@ class Trainer:
                 self.model,
                 self.tokenizer,
                 self.config.eval.zeroshot_data,
-                self.config.data.image_size,
                 self.device,
                 self.config.model.precision,
+                preprocess=self.config.data.eval_preprocess,
             )
             results.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
         if self.rank == 0 and results:
@@ -540,6 +539,17 @@ class Trainer:
                 f.write(json.dumps({"epoch": self.epoch, "step": self.step, **results}) + "\n")
         distributed.barrier(self.world_size)
         return results
+
+    def _use_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) before it embeds
+        its share of the val set. They drift apart in training (DDP runs with
+        broadcast_buffers=False) and a checkpoint keeps rank 0's, so without this the
+        evaluation mixes ranks' statistics and differs from evaluating the checkpoint.
+        Training does not read them (BatchNorm in train mode uses the batch's statistics)."""
+        if self.world_size == 1:
+            return
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, src=0)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -608,7 +618,10 @@ class Trainer:
             assert url is not None  # checked by the config
             state_dict = checkpoint.load_pmc_clip_checkpoint(url)
             self._load_weights(storage.redact_url(url), state_dict, saved_spec=None)
-            self.log.info("initialised from the released PMC-CLIP weights")
+            self.log.info(
+                "initialised from the released PMC-CLIP weights (--model %s)",
+                self.config.model.model,
+            )
             return
         path = checkpoint.resolve_latest(self.checkpoint_dir) if target == "latest" else target
         if path is None:
@@ -724,13 +737,6 @@ def _model_flags(spec: dict[str, Any]) -> str:
         if spec.get(name)
     ]
     return " ".join(flags + (["--mlm"] if spec.get("mlm") else []))
-
-
-def _tokenizer_identity(tokenizer: CaptionTokenizer) -> dict[str, Any]:
-    """Size and a hash of the vocabulary in id order: what token ids mean."""
-    by_id = sorted(tokenizer.tokenizer.get_vocab().items(), key=lambda item: item[1])
-    digest = hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode()).hexdigest()
-    return {"num_tokens": len(by_id), "vocab_sha256": digest}
 
 
 _CONSOLE_KEYS = (

@@ -2,7 +2,9 @@
 
 Train: RandomResizedCrop (area fraction in `crop_scale`, aspect ratio 3/4..4/3, bicubic),
 as in CLIP/OpenCLIP and the PMC-CLIP paper (crop scale 0.5). Eval: resize the shorter side
-to `image_size`, then centre-crop. Both end as uint8 [H, W, 3] pixels in PIL's layout;
+to `image_size`, then centre-crop (`--eval-preprocess fast`, one resize of the centred
+square from a draft decode; `original`: the original PMC-CLIP's torchvision steps, to
+reproduce its published numbers). Both end as uint8 [H, W, 3] pixels in PIL's layout;
 `write_image` copies them into their slot of a uint8 batch ([B, 3, H, W], channels-last in
 memory, see `empty_batch`). Batches cross from the loader's workers to the trainer as
 uint8 and are CLIP-normalised where the model runs (`normalize_images`: on the GPU after
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmc_clip.config import CLIP_MEAN, CLIP_STD
+from pmc_clip.config import CLIP_MEAN, CLIP_STD, EVAL_PREPROCESS_CHOICES
 
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many times, then centres
@@ -118,8 +120,25 @@ def train_transform(
     return crop_to_pixels(image, box, image_size)
 
 
-def eval_transform(image: Image.Image, image_size: int) -> np.ndarray:
+def eval_transform(image: Image.Image, image_size: int, preprocess: str = "fast") -> np.ndarray:
+    """Centre crop at `image_size`: "fast" (draft decode, one resize of the centred
+    square) or "original" (the original PMC-CLIP's pipeline, see original_eval_transform)."""
+    assert preprocess in EVAL_PREPROCESS_CHOICES, preprocess  # validated by the config
+    if preprocess == "original":
+        return original_eval_transform(image, image_size)
     return crop_to_pixels(image, center_crop_box(image.width, image.height), image_size)
+
+
+def original_eval_transform(image: Image.Image, image_size: int) -> np.ndarray:
+    """The original PMC-CLIP's eval preprocessing, to reproduce its published numbers:
+    full decode, torchvision's `Resize(image_size, BICUBIC)` (shorter side to
+    `image_size`) and `CenterCrop(image_size)`, and only then conversion to RGB (so a
+    palette image is resized as palette, i.e. nearest), as OpenCLIP's eval transform runs
+    them on PIL images."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    resized = Resize(image_size, interpolation=InterpolationMode.BICUBIC)(image)
+    return np.asarray(CenterCrop(image_size)(resized).convert("RGB"))
 
 
 def empty_batch(batch_size: int, image_size: int) -> torch.Tensor:

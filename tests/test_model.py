@@ -161,7 +161,13 @@ def test_bundled_configs_parse_and_have_the_expected_shapes() -> None:
     assert set(list_models()) == {
         "RN50_fusion1", "RN50_fusion2", "RN50_fusion4", "RN50_fusion8",
         "RN101_fusion4", "RN50x4_fusion4", "RN50x16_fusion4", "tiny",
+        "RN50_fusion4_original", "tiny_original",
     }  # fmt: skip
+    for name in ("RN50_fusion4", "tiny"):
+        # The released weights' options (pads attended, masked contrastive caption), the
+        # architecture unchanged.
+        original = load_config(f"{name}_original")
+        assert original == load_config(name).replace(mask_padding=False, contrastive_text="masked")
     for fusion_layers in (1, 2, 4, 8):
         assert load_config(f"RN50_fusion{fusion_layers}").fusion_layers == fusion_layers
     assert load_config("RN101_fusion4").vision_layers == (3, 4, 23, 3)

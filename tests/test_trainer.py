@@ -389,9 +389,7 @@ def test_zero_shot_classification_on_a_hand_built_case(
 
     model.encode_text = encode_text  # type: ignore[method-assign]
     model.encode_image = encode_image  # type: ignore[method-assign]
-    results = zero_shot_classification(
-        model, tokenizer, str(tmp_path), 32, torch.device("cpu"), "fp32"
-    )
+    results = zero_shot_classification(model, tokenizer, str(tmp_path), torch.device("cpu"), "fp32")
     assert results["num_classes"] == 3 and results["num_images"] == 7
     assert results["accuracy"] == pytest.approx(100 * 6 / 7)
     # For "blue", the mislabelled red image scores like the red negatives: AUC below 100.

@@ -11,6 +11,10 @@ Original-vs-corrected switches (the defaults are the corrected behaviour):
 - `attnpool_heads`: 32 for RN50 (width * 32 // 64), as in the training code that produced
   the released weights. PMC-CLIP's quick-start notebook builds the pool with 8 heads, which
   changes the outputs of the same weights; set 8 only to reproduce that notebook.
+
+The bundled `RN50_fusion4_original` (and `tiny_original`) set the first two switches to the
+original's; the trainer builds it for `--resume PMC_CLIP:beta --model RN50_fusion4`
+(pmc_clip.checkpoint.released_model_name).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pmc_clip.model.config import ModelConfig
+
 BOTTLENECK_EXPANSION = 4
 RESNET_DOWNSAMPLING = 32  # the stem and the three strided stages halve the grid 5 times
 
@@ -150,3 +152,14 @@ class ModifiedResNet(nn.Module):
         x = self.avgpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.attnpool(x)
+
+
+def build_image_encoder(config: ModelConfig) -> ModifiedResNet:
+    """The image tower of a PMC-CLIP of `config` (PMCClip.visual, and the exported tower)."""
+    return ModifiedResNet(
+        layers=config.vision_layers,
+        output_dim=config.embed_dim,
+        attnpool_heads=config.num_attnpool_heads,
+        image_size=config.image_size,
+        width=config.vision_width,
+    )

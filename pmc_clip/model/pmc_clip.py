@@ -37,7 +37,7 @@ from torch import nn
 
 from pmc_clip.model.config import ModelConfig
 from pmc_clip.model.fusion import FusionTransformer
-from pmc_clip.model.image import ModifiedResNet
+from pmc_clip.model.image import build_image_encoder
 from pmc_clip.model.text import build_text_encoder
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -53,13 +53,7 @@ class PMCClip(nn.Module):
         text_width = int(config.text_config["hidden_size"])
         vocab_size = int(config.text_config["vocab_size"])
 
-        self.visual = ModifiedResNet(
-            layers=config.vision_layers,
-            output_dim=config.embed_dim,
-            attnpool_heads=config.num_attnpool_heads,
-            image_size=config.image_size,
-            width=config.vision_width,
-        )
+        self.visual = build_image_encoder(config)
         self.text_encoder = build_text_encoder(
             config.text_config, config.context_length, pretrained=text_encoder
         )
