@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 import urllib.request
@@ -34,6 +35,16 @@ def _pmc_clip_logger_reset() -> Iterator[None]:
     logger.handlers.clear()
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture()
+def restore_stop_handlers() -> Iterator[None]:
+    """For tests building a Trainer in-process: it installs SIGTERM/SIGUSR1 handlers; put
+    the test process's back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

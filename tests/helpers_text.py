@@ -89,3 +89,20 @@ def make_batch(
     generator = torch.Generator().manual_seed(seed)
     batch["images"] = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     return batch
+
+
+def save_released_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """`model`'s weights in the released PMC_CLIP:beta checkpoint's layout: DDP's `module.`
+    prefixes, the stale position_ids buffer, numpy scalars, optimizer and scaler state."""
+    state_dict = {f"module.{k}": v for k, v in model.state_dict().items()}
+    state_dict["module.text_encoder.embeddings.position_ids"] = torch.arange(77)[None]
+    torch.save(
+        {
+            "epoch": np.int64(100),
+            "name": "PMC_CLIP:beta",
+            "state_dict": state_dict,
+            "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-4)}]},
+            "scaler": {"scale": np.float32(65536.0), "growth_tracker": np.int32(0)},
+        },
+        path,
+    )

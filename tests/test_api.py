@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import free_port
-from helpers_text import CAPTIONS, SPECIAL_TOKENS, WORDS, build_tokenizer
+from helpers_text import CAPTIONS, SPECIAL_TOKENS, WORDS, build_tokenizer, save_released_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, BertTokenizerFast
@@ -182,10 +182,8 @@ def test_released_checkpoint_loads_with_the_original_text_path(
     """The released layout (DDP prefixes, position_ids, optimizer) through load()."""
     torch.manual_seed(1)
     original = create_model("tiny", mask_padding=False, contrastive_text="masked").eval()
-    state_dict = {f"module.{k}": v for k, v in original.state_dict().items()}
-    state_dict["module.text_encoder.embeddings.position_ids"] = torch.arange(77)[None]
     path = tmp_path / "checkpoint.pt"
-    torch.save({"epoch": 1, "name": "beta", "state_dict": state_dict, "optimizer": {}}, path)
+    save_released_checkpoint(original, path)
     clip = pmc_clip.load(
         "PMC_CLIP:beta",
         pmc_clip_beta=str(path),

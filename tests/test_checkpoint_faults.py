@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,12 @@ from pmc_clip.config import parse_run_config
 from pmc_clip.synthetic import write_tokenizer
 from pmc_clip.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("restore_stop_handlers")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return build_train_data(tmp_path_factory.mktemp("checkpoint-data"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_stop_handlers() -> Iterator[None]:
-    """The Trainer installs SIGTERM/SIGUSR1 handlers; put the test process's back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ Also a torchrun script: `torchrun --nproc_per_node 2 tests/test_eval_defects.py 
 from __future__ import annotations
 
 import json
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
-from helpers_text import build_tokenizer, make_batch, tiny_text_config
+from helpers_text import build_tokenizer, make_batch, save_released_checkpoint, tiny_text_config
 from helpers_train import build_train_data, run, train_args
 from PIL import Image
 
@@ -28,19 +26,12 @@ from pmc_clip.data import SampleProcessor
 from pmc_clip.model import PMCClip, create_model
 from pmc_clip.trainer import Trainer, start_evaluation, start_training
 
+pytestmark = pytest.mark.usefixtures("restore_stop_handlers")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return build_train_data(tmp_path_factory.mktemp("eval-data"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_stop_handlers() -> Iterator[None]:
-    """The Trainer installs SIGTERM/SIGUSR1 handlers; put the test process's back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def _features(model: PMCClip, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,19 +54,8 @@ def test_released_checkpoint_computes_the_original_function(tmp_path: Path) -> N
     original = create_model(
         "tiny", text_config=text_config, mask_padding=False, contrastive_text="masked"
     )
-    state_dict = {f"module.{k}": v for k, v in original.state_dict().items()}
-    state_dict["module.text_encoder.embeddings.position_ids"] = torch.arange(77)[None]
     released = tmp_path / "checkpoint.pt"
-    torch.save(
-        {
-            "epoch": np.int64(100),
-            "name": "PMC_CLIP:beta",
-            "state_dict": state_dict,
-            "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-4)}]},
-            "scaler": {"scale": np.float32(65536.0), "growth_tracker": np.int32(0)},
-        },
-        released,
-    )
+    save_released_checkpoint(original, released)
     trainer = start_evaluation(
         [
             *("--model", "tiny", "--mlm", "--tokenizer", str(tmp_path / "tokenizer")),
@@ -143,7 +123,7 @@ def _two_rank_worker(argv: list[str]) -> None:
     """One rank of a torchrun: train (tiny, 1 epoch, evaluation at its end), recording the
     embeddings the trainer's evaluation computes on this rank; then embed the same val
     batches as `python -m pmc_clip.evaluate --resume <the checkpoint>` does (a fresh model
-    with the checkpoint's weights) and print whether they are identical, and the metrics."""
+    with the checkpoint's weights) and report whether they are identical, and the metrics."""
     recorded: list[evaluate.Embeddings] = []
     embed = evaluate.embed
 
@@ -170,27 +150,37 @@ def _two_rank_worker(argv: list[str]) -> None:
         and torch.equal(in_training.image, from_checkpoint.image)
         and torch.equal(in_training.text, from_checkpoint.text)
     )
-    print(json.dumps({"rank": trainer.rank, "identical": identical, "metrics": metrics}))
+    report = {"rank": trainer.rank, "identical": identical, "metrics": metrics}
+    # A file per rank: two ranks printing to one pipe may interleave their lines.
+    Path(trainer.run_dir, f"report-{trainer.rank}.json").write_text(json.dumps(report))
 
 
 @pytest.mark.slow
 def test_two_rank_evaluation_equals_evaluating_its_checkpoint(
     data: dict[str, str], tmp_path: Path
 ) -> None:
-    torchrun = str(Path(sys.executable).parent / "torchrun")
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        *("--nproc_per_node", "2", "--master-port", str(free_port())),
+    ]
     args = train_args(data, tmp_path, "two", "--epochs", "1")
-    result = run(
-        [
-            *(torchrun, "--nproc_per_node", "2", "--master-port", str(free_port())),
-            *(__file__, "--", *args),
-        ]
-    )
+    result = run([*torchrun, __file__, "--", *args])
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in reports) == [0, 1]
+    reports = [
+        json.loads((tmp_path / "two" / f"report-{rank}.json").read_text()) for rank in (0, 1)
+    ]
     assert all(r["identical"] for r in reports), reports
     logged = json.loads((tmp_path / "two" / "eval.jsonl").read_text().splitlines()[-1])
     assert {k: logged[k] for k in reports[0]["metrics"]} == reports[0]["metrics"]
+    # `python -m pmc_clip.evaluate` on the checkpoint, on 2 ranks with the same batch size:
+    # exactly the trainer's numbers.
+    latest = checkpoint.resolve_latest(str(tmp_path / "two" / "checkpoints"))
+    assert latest is not None
+    eval_args = train_args(data, tmp_path, "eval", "--resume", latest)
+    evaluated = run([*torchrun, "-m", "pmc_clip.evaluate", "--", *eval_args])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    assert printed == {k: logged[k] for k in printed}, (printed, logged)
 
 
 # ------------------------------------------------------- 3. zero-shot at the model's size

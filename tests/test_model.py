@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_text import build_tokenizer, make_batch, tiny_text_config
+from helpers_text import build_tokenizer, make_batch, save_released_checkpoint, tiny_text_config
 from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
 
 from pmc_clip.checkpoint import load_pmc_clip_checkpoint
@@ -352,19 +351,8 @@ def test_released_checkpoint_format_round_trip(
     tmp_path: Path, tokenizer: PreTrainedTokenizerBase, batch: dict[str, torch.Tensor]
 ) -> None:
     trained = tiny_model(tokenizer, seed=1).eval()
-    state_dict = {f"module.{k}": v for k, v in trained.state_dict().items()}
-    state_dict["module.text_encoder.embeddings.position_ids"] = torch.arange(77)[None]
     path = tmp_path / "checkpoint.pt"
-    torch.save(
-        {
-            "epoch": np.int64(100),
-            "name": "PMC_CLIP:beta",
-            "state_dict": state_dict,
-            "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-4)}]},
-            "scaler": {"scale": np.float32(65536.0), "growth_tracker": np.int32(0)},
-        },
-        path,
-    )
+    save_released_checkpoint(trained, path)
     loaded = tiny_model(tokenizer, seed=2).eval()
     with torch.no_grad():
         assert not torch.allclose(
