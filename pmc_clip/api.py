@@ -128,9 +128,7 @@ class ImagePreprocess:
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The uint8 [3, S, S] pixels before normalisation."""
-        slot = transforms.empty_batch(1, self.image_size)[0]
-        transforms.write_image(slot, transforms.eval_transform(image, self.image_size, self.mode))
-        return slot
+        return transforms.eval_pixels(image, self.image_size, self.mode)
 
 
 class TextTokenizer:
@@ -417,20 +415,12 @@ def _download(hub_id: str) -> str:
 
 
 def _load_state_dict(model: PMCClip, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Load all of `weights` or fail naming the first keys that do not fit."""
-    expected, found = model.state_dict().keys(), weights.keys()
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    misshaped = [
-        key
-        for key in sorted(expected & found)
-        if model.state_dict()[key].shape != weights[key].shape
-    ]
-    if missing or unexpected or misshaped:
+    """Load all of `weights` or fail saying how they do not fit (checkpoint.weights_misfit)."""
+    differences = checkpoint.weights_misfit(model, weights)
+    if differences:
         raise ValueError(
             f"{storage.redact_url(where)} does not fit the model it is loaded into "
-            f"({len(missing)} weights missing, first {missing[:1]}; {len(unexpected)} "
-            f"unexpected, first {unexpected[:1]}; {len(misshaped)} of another shape, first "
-            f"{misshaped[:1]}): pass the model/tokenizer it was trained with"
+            f"({'; '.join(differences[:3])}): pass the model/tokenizer it was trained with"
         )
     model.load_state_dict(weights)
 

@@ -261,6 +261,25 @@ def resolve_latest(directory: str) -> str | None:
     return storage.join(directory, name)
 
 
+def weights_misfit(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """How `weights` do not fit `model` (empty when they do): each weight of another shape,
+    then how many are missing and how many unexpected, in words, for an error message."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    differences = [
+        f"{k} is {list(found[k])} in the checkpoint, {list(expected[k])} here"
+        for k in sorted(expected.keys() & found.keys())
+        if found[k] != expected[k]
+    ]
+    for keys, what in (
+        (sorted(expected.keys() - found.keys()), "missing from the checkpoint"),
+        (sorted(found.keys() - expected.keys()), "not in this model"),
+    ):
+        if keys:
+            differences.append(f"{len(keys)} weights {what} (first: {keys[0]})")
+    return differences
+
+
 def load_checkpoint(path_or_url: str) -> dict[str, Any]:
     """A training checkpoint, loaded with weights_only=True, checked against its sha256
     sidecar and for the structure the trainer reads; a missing, partial, corrupt or

@@ -332,10 +332,7 @@ def zero_shot_classification(
 
 def _load_eval_image(path: str, image_size: int, preprocess: str) -> torch.Tensor:
     with Image.open(path) as image:
-        pixels = transforms.eval_transform(image, image_size, preprocess)
-    slot = transforms.empty_batch(1, image_size)[0]
-    transforms.write_image(slot, pixels)
-    return slot
+        return transforms.eval_pixels(image, image_size, preprocess)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -999,9 +999,11 @@ def _discard_shards(
 
     listings = [storage.join(out_root, n) for n in ("manifest.json", "sizes.json")]
     tail = storage.join(progress_root, f"{split}.complete.json")
-    for path in [*listings, tail, *doomed(progress_root), *doomed(out_root)]:
+    for path in [*listings, tail]:
         if _exists(out_fs, path, retry):
             _delete(out_fs, path, retry)
+    for path in [*doomed(progress_root), *doomed(out_root)]:  # listed: they exist
+        _delete(out_fs, path, retry)
 
 
 def _list(fs: fsspec.AbstractFileSystem, folder: str, retry: storage.RetryPolicy) -> list[str]:

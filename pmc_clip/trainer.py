@@ -659,19 +659,7 @@ class Trainer:
                 f"{where} holds a {_model_flags(saved_spec)} model, this run builds a "
                 f"{_model_flags(dataclasses.asdict(spec))} one: pass the same flags to load it"
             )
-        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in weights.items()}
-        differences = [
-            f"{k} is {list(found[k])} in the checkpoint, {list(expected[k])} here"
-            for k in sorted(expected.keys() & found.keys())
-            if found[k] != expected[k]
-        ]
-        for keys, what in (
-            (sorted(expected.keys() - found.keys()), "missing from the checkpoint"),
-            (sorted(found.keys() - expected.keys()), "not in this model"),
-        ):
-            if keys:
-                differences.append(f"{len(keys)} weights {what} (first: {keys[0]})")
+        differences = checkpoint.weights_misfit(self.model, weights)
         if differences:
             saved_with = (
                 f"It was saved with {_model_flags(saved_spec)}"

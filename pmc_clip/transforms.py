@@ -162,6 +162,13 @@ def write_image(out: torch.Tensor, pixels: np.ndarray) -> None:
     out.numpy()[...] = pixels.transpose(2, 0, 1)
 
 
+def eval_pixels(image: Image.Image, image_size: int, preprocess: str = "fast") -> torch.Tensor:
+    """One image's uint8 [3, S, S] evaluation pixels (eval_transform), outside a batch."""
+    slot = empty_batch(1, image_size)[0]
+    write_image(slot, eval_transform(image, image_size, preprocess))
+    return slot
+
+
 def normalize_images(
     images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
 ) -> torch.Tensor:
