@@ -28,6 +28,7 @@ from pmc_clip.sharding import (
     make_shards,
     parse_split_fractions,
     safe_relative_path,
+    write_sample,
 )
 from pmc_clip.synthetic import SyntheticOptions, generate
 
@@ -158,6 +159,24 @@ def test_split_column_and_forced_split(tmp_path: Path) -> None:
     assert {k: v["samples"] for k, v in by_column["splits"].items()} == {"test": 1, "train": 1}
     forced = _shard(tmp_path / "o2", input=str(jsonl), images=str(tmp_path / "img"), split="all")
     assert {k: v["samples"] for k, v in forced["splits"].items()} == {"all": 2}
+
+
+def test_shard_tar_bytes_equal_webdataset_tar_writer() -> None:
+    """make_shards writes tars with tarfile (no torch import); the bytes are those
+    webdataset.TarWriter writes for the same samples (names, headers, padding)."""
+    samples: list[dict[str, bytes | str]] = [
+        {"__key__": "PMC1_F1_1", "jpg": b"\xff\xd8" * 700, "txt": b"a caption", "json": "{}"},
+        {"__key__": "PMC2__sub_x", "png": b"x" * 513, "txt": "caf\u00e9"},
+    ]
+    theirs = io.BytesIO()
+    with wds.TarWriter(theirs, user="pmc_clip", group="pmc_clip", mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+    ours = io.BytesIO()
+    with tarfile.open(fileobj=ours, mode="w|") as tar:
+        for sample in samples:
+            write_sample(tar, sample)
+    assert ours.getvalue() == theirs.getvalue()
 
 
 def test_keys_are_webdataset_safe_and_unique(tmp_path: Path) -> None:
