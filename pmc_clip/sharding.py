@@ -78,6 +78,8 @@ from pmc_clip.output_lock import OutputLock
 
 MANIFEST_VERSION = 1
 PROGRESS_DIR = "_progress"
+# A finished part's manifest, in its progress folder: what `make_shards --merge` reads.
+PART_SUMMARY = "summary.json"
 _T = TypeVar("_T")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _NAME_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -93,7 +95,7 @@ _ROWS_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 4
 _ORPHAN_CHECK_SECONDS = 0.5
 # Connect/read timeout of one object-store request on --output (a stall becomes a retry).
-_STORE_TIMEOUT_SECONDS = 120.0
+STORE_TIMEOUT_SECONDS = 120.0
 _UPLOAD_BACKOFF_MAX_SECONDS = 60.0
 # How many rows _check_key_columns looks at (a few bad ones among them are fine), and how
 # many of the column names found its message lists.
@@ -102,6 +104,8 @@ _KEY_CHECK_NAMES_SHOWN = 12
 # The csv module refuses fields above 128 KiB; a long caption is a row to skip with a
 # reason (caption_too_long), not a crash.
 _CSV_FIELD_LIMIT = 2**31 - 1
+# Part numbers are written with 5 digits (`part00042`).
+_MAX_PARTS = 100_000
 
 
 # --------------------------------------------------------------------------- options
@@ -130,14 +134,29 @@ class ShardOptions:
     strict: bool = False
     upload_max_attempts: int = 8
     upload_backoff_seconds: float = 1.0
+    # Scale-out: the input's articles are dealt to `num_parts` parts (`part_for`); this run
+    # writes part `part`'s shards (`PREFIX-SPLIT-partIIIII-NNNNNN.tar`) and its summary,
+    # and `make_shards --merge` (pmc_clip/shard_merge.py) writes the global manifest.
+    num_parts: int = 1
+    part: int = 0
+
+    @property
+    def is_part(self) -> bool:
+        return self.num_parts > 1
+
+    def shard_stem(self, split: str) -> str:
+        """Shard names without the index: `PREFIX-SPLIT`, or `PREFIX-SPLIT-partIIIII` for a
+        part, so parts writing into one folder never collide."""
+        return f"{self.prefix}-{split}" + (f"-part{self.part:05d}" if self.is_part else "")
+
+    def progress_folder(self, out_root: str) -> str:
+        """Where this run's progress records and lock live: one folder per part, so parts
+        run side by side, each resuming on its own."""
+        folder = storage.join(out_root, PROGRESS_DIR)
+        return storage.join(folder, f"part-{self.part:05d}") if self.is_part else folder
 
     def retry_policy(self) -> storage.RetryPolicy:
-        """How calls on an object-store --output are retried (a local --output is not)."""
-        return storage.RetryPolicy(
-            self.upload_max_attempts,
-            self.upload_backoff_seconds,
-            max(_UPLOAD_BACKOFF_MAX_SECONDS, self.upload_backoff_seconds),
-        )
+        return upload_retry_policy(self.upload_max_attempts, self.upload_backoff_seconds)
 
     def validate(self) -> None:
         storage.refuse_url_credentials("--input", self.input)
@@ -147,6 +166,13 @@ class ShardOptions:
             raise ValueError(f"--shard-size must be >= 1 sample, got {self.shard_size}")
         if self.max_shard_bytes < 1:
             raise ValueError(f"--max-shard-bytes must be >= 1, got {self.max_shard_bytes}")
+        if not 1 <= self.num_parts <= _MAX_PARTS:
+            raise ValueError(f"--num-parts must be in 1..{_MAX_PARTS}, got {self.num_parts}")
+        if not 0 <= self.part < self.num_parts:
+            raise ValueError(
+                f"--part must be in 0..{self.num_parts - 1} (--num-parts {self.num_parts}), "
+                f"got {self.part}"
+            )
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0 (0 = in this process), got {self.workers}")
         if not _NAME_SAFE.match(self.prefix):
@@ -171,14 +197,22 @@ class ShardOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide the output bytes, redacted, for resume checks and the
-        manifest. Worker count, strictness and retries do not change a finished shard."""
+        manifest. Worker count, strictness and retries do not change a finished shard; every
+        part of one output shares these (the part number only picks its rows)."""
         out = dataclasses.asdict(self)
-        for name in ("workers", "strict", "upload_max_attempts", "upload_backoff_seconds"):
+        for name in ("workers", "strict", "upload_max_attempts", "upload_backoff_seconds", "part"):
             out.pop(name)
         for name in ("input", "images", "output"):
             out[name] = storage.redact_url(out[name])
         out["split_fractions"] = [list(pair) for pair in self.split_fractions]
         return out
+
+
+def upload_retry_policy(max_attempts: int, backoff_seconds: float) -> storage.RetryPolicy:
+    """How calls on an object-store --output are retried (a local --output is not)."""
+    return storage.RetryPolicy(
+        max_attempts, backoff_seconds, max(_UPLOAD_BACKOFF_MAX_SECONDS, backoff_seconds)
+    )
 
 
 def parse_split_fractions(text: str) -> tuple[tuple[str, float], ...]:
@@ -333,27 +367,52 @@ def split_for(article_id: str, fractions: Sequence[tuple[str, float]]) -> str:
     return fractions[-1][0]
 
 
-def plan(
-    rows: Iterable[tuple[int, dict[str, Any] | Skip]], options: ShardOptions
-) -> tuple[dict[str, list[PlannedSample]], list[Skip], int]:
-    """Row-level checks and split assignment. Returns (samples per split, skips, rows read)."""
+@dataclass(frozen=True)
+class Plan:
+    """This run's rows: its samples per split (in shard order) and its skipped rows."""
+
+    samples_by_split: dict[str, list[PlannedSample]]
+    skips: list[Skip]
+    num_rows: int  # rows of this run (of its part): samples + skips
+    num_input_rows: int  # rows in the whole input (every part reads all of it)
+
+
+def part_for(article_id: str, num_parts: int) -> int:
+    """The part an article's rows go to: a stable hash (sha256, as `split_for`), salted so
+    parts are independent of splits (every part holds train, valid and test rows)."""
+    digest = hashlib.sha256(b"part\0" + article_id.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % num_parts
+
+
+def plan(rows: Iterable[tuple[int, dict[str, Any] | Skip]], options: ShardOptions) -> Plan:
+    """Row-level checks and split assignment, over every row of the input (a duplicate key
+    is found across parts too), keeping this run's rows: a part keeps the samples of its
+    articles (`part_for`) and the skipped rows whose number it is modulo --num-parts.
+    Rows stream through: a part holds its own rows and every key (~150 bytes per row)."""
     splits: dict[str, list[PlannedSample]] = collections.defaultdict(list)
     skips: list[Skip] = []
     seen_keys: dict[str, int] = {}
-    num_rows = 0
+    num_rows = num_input_rows = 0
     rows = iter(rows)
     head = list(itertools.islice(rows, _KEY_CHECK_ROWS))
     _check_key_columns(head, options)
     for row, record in itertools.chain(head, rows):
-        num_rows += 1
+        num_input_rows += 1
         checked = _plan_row(row, record, options, seen_keys)
         if isinstance(checked, Skip):
             if options.strict:
                 raise ValueError(_describe_skip(checked))
-            skips.append(checked)
+            if row % options.num_parts == options.part:
+                skips.append(checked)
+                num_rows += 1
         else:
             seen_keys[checked.key] = row
-            splits[checked.split].append(checked)
+            if (
+                not options.is_part
+                or part_for(checked.article_id, options.num_parts) == options.part
+            ):
+                splits[checked.split].append(checked)
+                num_rows += 1
     if options.shuffle:
         for name in splits:
             # PCG64 with a fixed seed gives the same permutation on every numpy version.
@@ -361,7 +420,7 @@ def plan(
                 len(splits[name])
             )
             splits[name] = [splits[name][i] for i in order]
-    return dict(splits), skips, num_rows
+    return Plan(dict(splits), skips, num_rows, num_input_rows)
 
 
 def _check_key_columns(
@@ -586,8 +645,9 @@ def input_digests(
     return rows.hexdigest(), identities.hexdigest()
 
 
-def shard_name(prefix: str, split: str, index: int) -> str:
-    return f"{prefix}-{split}-{index:06d}.tar"
+def shard_name(stem: str, index: int) -> str:
+    """`stem` is `ShardOptions.shard_stem(split)`."""
+    return f"{stem}-{index:06d}.tar"
 
 
 def sample_members(sample: PlannedSample, figure: Figure) -> dict[str, bytes | str]:
@@ -688,13 +748,13 @@ class ShardWriterState:
             self.close(end=position + 1)
 
     def _dest(self) -> str:
-        return storage.join(self.root, shard_name(self.options.prefix, self.split, self.index))
+        return storage.join(self.root, shard_name(self.options.shard_stem(self.split), self.index))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """A write of the open shard (disk full, a read-only folder...): a StorageError
         naming the shard; the staged file is removed by `shutdown`."""
-        with storage.redacting_errors("write", _where(self.fs, self._dest())):
+        with storage.redacting_errors("write", where_of(self.fs, self._dest())):
             yield
 
     def close(self, end: int) -> None:
@@ -729,7 +789,7 @@ class ShardWriterState:
 
     def _publish(self, staged: str, dest: str, record: ShardRecord) -> None:
         retry = self.options.retry_policy()
-        url = _where(self.fs, dest)
+        url = where_of(self.fs, dest)
         try:
             with open(staged, "rb") as f:
                 index = shard_index.build_index(f, record.bytes)
@@ -742,12 +802,13 @@ class ShardWriterState:
         finally:
             if os.path.exists(staged):  # publish consumes it; an error before it did not
                 os.unlink(staged)
-        stored = _retried(
+        stored = retried(
             self.fs, retry, "check", dest, lambda: storage.object_identity(self.fs, dest)
         )
+        record.stored = stored or ""  # "" (not a file?) matches no listing: rewritten
         # Only now, with the shard in place, is it recorded as done.
-        progress_path = storage.join(self.root, PROGRESS_DIR, record.name + ".json")
-        _write_json(self.fs, progress_path, {**dataclasses.asdict(record), "stored": stored}, retry)
+        progress_path = storage.join(self.options.progress_folder(self.root), record.name + ".json")
+        _write_json(self.fs, progress_path, dataclasses.asdict(record), retry)
 
     def wait(self) -> None:
         """Block until the last shard is published; re-raise its error if it failed."""
@@ -772,19 +833,19 @@ def _write_json(
     fs: fsspec.AbstractFileSystem, path: str, obj: Any, retry: storage.RetryPolicy
 ) -> None:
     text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False)
-    with storage.redacting_errors("write", _where(fs, path)):
+    with storage.redacting_errors("write", where_of(fs, path)):
         storage.write_bytes_atomic(fs, path, text.encode("utf-8"), retry)
 
 
-def _read_json(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> Any:
-    return json.loads(_retried(fs, retry, "read", path, lambda: storage.read_bytes(fs, path)))
+def read_json(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> Any:
+    return json.loads(retried(fs, retry, "read", path, lambda: storage.read_bytes(fs, path)))
 
 
-def _exists(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> bool:
-    return _retried(fs, retry, "check", path, lambda: bool(fs.exists(path)))
+def exists(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> bool:
+    return retried(fs, retry, "check", path, lambda: bool(fs.exists(path)))
 
 
-def _retried(
+def retried(
     fs: fsspec.AbstractFileSystem,
     retry: storage.RetryPolicy,
     what: str,
@@ -797,7 +858,7 @@ def _retried(
     return storage.retry_call(what, fs.unstrip_protocol(path), retry, call)
 
 
-def _where(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def where_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """`path` as errors name it: a local path as it is, else its URL."""
     return path if storage.is_local(fs) else fs.unstrip_protocol(path)
 
@@ -882,11 +943,13 @@ def _load_progress(
     The full sha256 is not recomputed (130 x 1 GB shards on S3 would be read again on
     every rerun): `tools/inspect_shards.py` checks it against the manifest."""
     retry = options.retry_policy()
-    progress_root = storage.join(out_root, PROGRESS_DIR)
-    options_path = storage.join(progress_root, "options.json")
+    progress_root = options.progress_folder(out_root)
+    # One options.json for every part of an output: parts made with other options, or a
+    # part run over a whole run's output (or the reverse), are refused here.
+    options_path = storage.join(out_root, PROGRESS_DIR, "options.json")
     wanted = options.fingerprint()
-    if _exists(out_fs, options_path, retry):
-        found = _read_json(out_fs, options_path, retry)
+    if exists(out_fs, options_path, retry):
+        found = read_json(out_fs, options_path, retry)
         if found != wanted:
             changed = sorted(
                 k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k)
@@ -899,20 +962,22 @@ def _load_progress(
     else:
         _write_json(out_fs, options_path, wanted, retry)
     listed = {path.rsplit("/", 1)[-1] for path in _list(out_fs, progress_root, retry)}
+    part = re.escape(options.shard_stem("")[len(options.prefix) + 1 :])
     record_name = re.compile(
-        rf"^{re.escape(options.prefix)}-(?P<split>[A-Za-z0-9_-]+)-\d{{6}}\.tar\.json$"
+        rf"^{re.escape(options.prefix)}-(?P<split>[A-Za-z0-9_-]+){part}-\d{{6}}\.tar\.json$"
     )
     recorded_splits = {m["split"] for name in listed if (m := record_name.match(name))}
     records: dict[str, list[ShardRecord]] = {}
     for split in sorted(recorded_splits | samples_by_split.keys()):
         records[split] = []
-        while (name := shard_name(options.prefix, split, len(records[split]))) + ".json" in listed:
+        stem = options.shard_stem(split)
+        while (name := shard_name(stem, len(records[split]))) + ".json" in listed:
             path = storage.join(progress_root, name + ".json")
-            records[split].append(ShardRecord(**_read_json(out_fs, path, retry)))
+            records[split].append(ShardRecord(**read_json(out_fs, path, retry)))
     wanted_files = [
-        name for rs in records.values() for r in rs for name in (r.name, _index_name(r.name))
+        name for rs in records.values() for r in rs for name in (r.name, index_name(r.name))
     ]
-    stored = _retried(
+    stored = retried(
         out_fs,
         retry,
         "list",
@@ -927,7 +992,7 @@ def _load_progress(
         tail_path = storage.join(progress_root, f"{split}.complete.json")
         tail = None
         if f"{split}.complete.json" in listed:
-            tail = _read_json(out_fs, tail_path, retry)
+            tail = read_json(out_fs, tail_path, retry)
         if num_valid < len(split_records):
             print(
                 f"make_shards: {split_records[num_valid].name}: {reason}; rewriting it and "
@@ -943,7 +1008,7 @@ def _load_progress(
     return done, tails
 
 
-def _index_name(shard: str) -> str:
+def index_name(shard: str) -> str:
     return shard_index.index_url(shard).rsplit("/", 1)[-1]
 
 
@@ -970,8 +1035,8 @@ def _first_stale(
                 f"the shard changed since it was recorded ({record.stored} then, "
                 f"{stored[record.name]} now)"
             )
-        elif _index_name(record.name) not in stored:
-            reason = f"its index {_index_name(record.name)} is missing"
+        elif index_name(record.name) not in stored:
+            reason = f"its index {index_name(record.name)} is missing"
         else:
             continue
         return i, reason
@@ -999,13 +1064,12 @@ def _discard_shards(
     retry: storage.RetryPolicy,
 ) -> None:
     """Delete `split`'s shards from index `first` on, with their indexes and records, and
-    what lists them (manifest.json, sizes.json, the split's complete.json). Listings and
-    records go first: a crash in between leaves unrecorded files, which the rerun
-    rewrites, never a record or manifest naming a shard that is gone."""
-    progress_root = storage.join(out_root, PROGRESS_DIR)
-    file_name = re.compile(
-        rf"^{re.escape(options.prefix)}-{re.escape(split)}-(?P<index>\d{{6}})\.(tar|idx)(\.json)?$"
-    )
+    what lists them (`listing_paths`, the split's complete.json). Listings and records go
+    first: a crash in between leaves unrecorded files, which the rerun rewrites, never a
+    record or manifest naming a shard that is gone."""
+    progress_root = options.progress_folder(out_root)
+    stem = re.escape(options.shard_stem(split))
+    file_name = re.compile(rf"^{stem}-(?P<index>\d{{6}})\.(tar|idx)(\.json)?$")
 
     def doomed(folder: str) -> list[str]:
         return sorted(
@@ -1014,33 +1078,43 @@ def _discard_shards(
             if (m := file_name.match(path.rsplit("/", 1)[-1])) and int(m["index"]) >= first
         )
 
-    listings = [storage.join(out_root, n) for n in ("manifest.json", "sizes.json")]
     tail = storage.join(progress_root, f"{split}.complete.json")
-    for path in [*listings, tail]:
-        if _exists(out_fs, path, retry):
+    for path in [*listing_paths(out_root, options), tail]:
+        if exists(out_fs, path, retry):
             _delete(out_fs, path, retry)
     for path in [*doomed(progress_root), *doomed(out_root)]:  # listed: they exist
         _delete(out_fs, path, retry)
 
 
+def listing_paths(out_root: str, options: ShardOptions) -> list[str]:
+    """What lists shards: the output's manifest.json and sizes.json (a part's shards are
+    listed there too once merged), and a part's summary."""
+    paths = [storage.join(out_root, name) for name in ("manifest.json", "sizes.json")]
+    if options.is_part:
+        paths.append(storage.join(options.progress_folder(out_root), PART_SUMMARY))
+    return paths
+
+
 def _list(fs: fsspec.AbstractFileSystem, folder: str, retry: storage.RetryPolicy) -> list[str]:
     """The paths directly in `folder` (none if it does not exist)."""
-    if not _exists(fs, folder, retry):
+    if not exists(fs, folder, retry):
         return []
-    paths = _retried(fs, retry, "list", folder, lambda: fs.ls(folder, detail=False))
+    paths = retried(fs, retry, "list", folder, lambda: fs.ls(folder, detail=False))
     return [str(path) for path in paths]
 
 
 def _delete(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> None:
-    _retried(fs, retry, "delete", path, lambda: fs.rm_file(path))
+    retried(fs, retry, "delete", path, lambda: fs.rm_file(path))
 
 
 def build_manifest(
-    options: ShardOptions,
+    fingerprint: dict[str, Any],
     records: dict[str, list[ShardRecord]],
     skips: list[dict[str, Any]],
     num_rows: int,
 ) -> dict[str, Any]:
+    """The manifest of `records` (per split, in order); `fingerprint` is
+    `ShardOptions.fingerprint()`, shared by every part of one output."""
     shards = [r for split in sorted(records) for r in records[split]]
     num_written = sum(r.count for r in shards)
     by_reason = collections.Counter(s["reason"] for s in skips)
@@ -1049,7 +1123,7 @@ def build_manifest(
         converted.update(record.converted)
     return {
         "format_version": MANIFEST_VERSION,
-        "options": options.fingerprint(),
+        "options": fingerprint,
         "shards": [
             {
                 "name": r.name,
@@ -1065,7 +1139,7 @@ def build_manifest(
                 "samples": sum(r.count for r in rs),
                 "shards": len(rs),
                 "bytes": sum(r.bytes for r in rs),
-                "pattern": _brace_pattern(options.prefix, split, len(rs)),
+                "pattern": brace_pattern(f"{fingerprint['prefix']}-{split}-", rs),
             }
             for split, rs in sorted(records.items())
         },
@@ -1080,10 +1154,19 @@ def build_manifest(
     }
 
 
-def _brace_pattern(prefix: str, split: str, num_shards: int) -> str:
-    if num_shards == 0:
+def brace_pattern(base: str, records: Sequence[ShardRecord]) -> str:
+    """One pattern for a split's shards, as --train-data takes it: `BASE{000000..000131}.tar`,
+    or for parts `BASE{part00000-{000000..000041},part00001-{000000..000043}}.tar` (each
+    part's shards are numbered from 0; braceexpand nests)."""
+    counts: dict[str, int] = {}  # stem after `base` -> shards, in order
+    for record in records:
+        stem = record.name[len(base) :].removesuffix(".tar")[:-7]  # drop "-NNNNNN"
+        assert record.name.startswith(base) and record.index == counts.get(stem, 0), record
+        counts[stem] = record.index + 1
+    ranges = [f"{stem}{'-' if stem else ''}{{{0:06d}..{n - 1:06d}}}" for stem, n in counts.items()]
+    if not ranges:
         return ""
-    return f"{prefix}-{split}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+    return f"{base}{ranges[0] if len(ranges) == 1 else '{' + ','.join(ranges) + '}'}.tar"
 
 
 def make_shards(options: ShardOptions) -> dict[str, Any]:
@@ -1092,14 +1175,15 @@ def make_shards(options: ShardOptions) -> dict[str, Any]:
     options.validate()
     started = time.monotonic()
     retry = options.retry_policy()
-    out_fs, out_root = storage.url_to_fs_for_retries(options.output, _STORE_TIMEOUT_SECONDS)
-    if _retried(out_fs, retry, "check", out_root, lambda: bool(out_fs.isfile(out_root))):
+    out_fs, out_root = storage.url_to_fs_for_retries(options.output, STORE_TIMEOUT_SECONDS)
+    if retried(out_fs, retry, "check", out_root, lambda: bool(out_fs.isfile(out_root))):
         raise ValueError(f"--output {storage.redact_url(options.output)} is a file, not a folder")
-    progress_root = storage.join(out_root, PROGRESS_DIR)
-    with OutputLock(out_fs, progress_root, options.output, retry) as lock:
-        # Only now, as the one run on this output: clear what killed runs left.
+    with OutputLock(out_fs, options.progress_folder(out_root), options.output, retry) as lock:
+        # Only now, as the one run on this output (or part): clear what killed runs left;
+        # a part clears only its own files (the other parts may be writing beside it).
         if storage.is_local(out_fs):
-            storage.remove_stale_staging_files(out_fs, out_root)
+            stem = options.shard_stem("*") if options.is_part else ""
+            storage.remove_stale_staging_files(out_fs, out_root, stem)
         else:
             storage.remove_orphaned_uploads()
         return _make_shards_locked(options, out_fs, out_root, lock, started)
@@ -1113,25 +1197,15 @@ def _make_shards_locked(
     started: float,
 ) -> dict[str, Any]:
     retry = options.retry_policy()
-    try:
-        rows = list(read_rows(options.input, options.csv_separator))
-    except FileNotFoundError:
-        raise ValueError(f"--input {storage.redact_url(options.input)} does not exist") from None
-    except ValueError:
-        raise
-    except Exception as e:  # the store's own errors (botocore's are not OSErrors)
-        raise storage.StorageError(
-            f"cannot read --input {storage.redact_url(options.input)}: "
-            f"{storage.describe_error(e, options.input)}"
-        ) from None
-    samples_by_split, plan_skips, num_rows = plan(rows, options)
+    planned = plan(_input_rows(options), options)
+    samples_by_split = planned.samples_by_split
     _check_image_root(options, samples_by_split)
     split_names = sorted(samples_by_split)
     figures = _figure_identities(options, samples_by_split)
     done, tails = _load_progress(out_fs, out_root, options, samples_by_split, figures)
     num_total = sum(len(s) for s in samples_by_split.values())
     records: dict[str, list[ShardRecord]] = {}
-    skips = [s.to_json() for s in plan_skips]
+    skips = [s.to_json() for s in planned.skips]
     with tqdm(total=num_total, unit="img", desc="make_shards", disable=None) as progress:
         for split in split_names:
             samples = samples_by_split[split]
@@ -1151,24 +1225,95 @@ def _make_shards_locked(
                 }
                 _write_json(
                     out_fs,
-                    storage.join(out_root, PROGRESS_DIR, f"{split}.complete.json"),
+                    storage.join(options.progress_folder(out_root), f"{split}.complete.json"),
                     complete,
                     retry,
                 )
             skips += [s for r in records[split] for s in r.skipped] + tails[split]
     skips.sort(key=lambda s: s["row"])
-    manifest = build_manifest(options, records, skips, num_rows)
+    manifest = build_manifest(options.fingerprint(), records, skips, planned.num_rows)
     counts = manifest["rows"]
     assert counts["read"] == counts["written"] + counts["skipped"], counts
+    if options.is_part:
+        summary = part_summary(options, manifest, records, skips, planned.num_input_rows)
+        _write_part_summary(out_fs, out_root, options, summary, retry)
+    else:
+        write_listings(out_fs, out_root, manifest, skips, retry)
+    print_summary(manifest, time.monotonic() - started, num_total)
+    return manifest
+
+
+def _input_rows(options: ShardOptions) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    """read_rows, with a missing --input as a start-up error and the store's failures
+    as StorageError (errors of the code consuming the rows pass through untouched)."""
+    try:
+        yield from read_rows(options.input, options.csv_separator)
+    except FileNotFoundError:
+        raise ValueError(f"--input {storage.redact_url(options.input)} does not exist") from None
+    except ValueError:
+        raise
+    except Exception as e:  # the store's own errors (botocore's are not OSErrors)
+        raise storage.StorageError(
+            f"cannot read --input {storage.redact_url(options.input)}: "
+            f"{storage.describe_error(e, options.input)}"
+        ) from None
+
+
+def write_listings(
+    fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    manifest: dict[str, Any],
+    skips: list[dict[str, Any]],
+    retry: storage.RetryPolicy,
+) -> None:
+    """The output's sizes.json (OpenCLIP's format), skipped.jsonl, then manifest.json: the
+    manifest last, so one that exists describes the files beside it."""
     sizes = {r["name"]: r["count"] for r in manifest["shards"]}
-    _write_json(out_fs, storage.join(out_root, "sizes.json"), sizes, retry)
+    _write_json(fs, storage.join(out_root, "sizes.json"), sizes, retry)
     skipped_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skips)
     skipped_path = storage.join(out_root, "skipped.jsonl")
-    with storage.redacting_errors("write", _where(out_fs, skipped_path)):
-        storage.write_bytes_atomic(out_fs, skipped_path, skipped_text.encode("utf-8"), retry)
-    _write_json(out_fs, storage.join(out_root, "manifest.json"), manifest, retry)
-    _print_summary(manifest, time.monotonic() - started, num_total)
-    return manifest
+    with storage.redacting_errors("write", where_of(fs, skipped_path)):
+        storage.write_bytes_atomic(fs, skipped_path, skipped_text.encode("utf-8"), retry)
+    _write_json(fs, storage.join(out_root, "manifest.json"), manifest, retry)
+
+
+def part_summary(
+    options: ShardOptions,
+    manifest: dict[str, Any],
+    records: dict[str, list[ShardRecord]],
+    skips: list[dict[str, Any]],
+    num_input_rows: int,
+) -> dict[str, Any]:
+    """What `make_shards --merge` needs of a finished part: its manifest, plus its shard
+    records (with the stored files' identities, checked against a listing at merge),
+    its skipped rows and the row count of the whole input (every part must agree)."""
+    return {
+        **manifest,
+        "part": options.part,
+        "num_parts": options.num_parts,
+        "input_rows": num_input_rows,
+        "records": [dataclasses.asdict(r) for split in sorted(records) for r in records[split]],
+        "skipped": skips,
+    }
+
+
+def _write_part_summary(
+    fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    options: ShardOptions,
+    summary: dict[str, Any],
+    retry: storage.RetryPolicy,
+) -> None:
+    """A part whose summary changes (a rerun over changed input) first removes the merged
+    manifest.json and sizes.json: they list the part as it was. Rerunning a finished,
+    unchanged part leaves them alone."""
+    path = storage.join(options.progress_folder(out_root), PART_SUMMARY)
+    if exists(fs, path, retry) and read_json(fs, path, retry) == summary:
+        return
+    for listing in listing_paths(out_root, options):
+        if exists(fs, listing, retry):
+            _delete(fs, listing, retry)
+    _write_json(fs, path, summary, retry)
 
 
 def _figure_identities(
@@ -1210,11 +1355,13 @@ def _check_image_root(
         )
 
 
-def _print_summary(manifest: dict[str, Any], seconds: float, num_images: int) -> None:
+def print_summary(manifest: dict[str, Any], seconds: float, num_images: int | None) -> None:
+    """The counts, to stderr; `num_images` (figures loaded) gives the rate."""
     rows = manifest["rows"]
+    rate = "" if num_images is None else f" ({num_images / max(seconds, 1e-9):.1f} images/s)"
     print(
         f"rows read {rows['read']}, written {rows['written']}, skipped {rows['skipped']}"
-        f" in {seconds:.1f} s ({num_images / max(seconds, 1e-9):.1f} images/s)",
+        f" in {seconds:.1f} s{rate}",
         file=sys.stderr,
     )
     for reason, count in rows["skipped_by_reason"].items():
@@ -1237,11 +1384,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="make_shards",
         description="PMC-OA JSONL/CSV + figures -> webdataset shards with a manifest.",
     )
-    p.add_argument("--input", required=True, help="pmc_oa.jsonl or a CSV (local or any URL)")
+    p.add_argument("--input", help="pmc_oa.jsonl or a CSV (local or any URL); required")
     p.add_argument(
         "--images",
-        required=True,
-        help="image root: folder, fsspec URL, images.zip, or zip://FOLDER::images.zip",
+        help="image root: folder, fsspec URL, images.zip, or zip://FOLDER::images.zip; required",
     )
     p.add_argument("--output", required=True, help="output folder or URL (e.g. s3://b/pmc-oa)")
     p.add_argument("--prefix", default="pmc-oa", help="shard names: PREFIX-SPLIT-NNNNNN.tar")
@@ -1254,7 +1400,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-fractions", default="train=0.8,valid=0.1,test=0.1")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
     p.add_argument("--max-shard-bytes", type=int, default=1 << 30)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes (default: every core this process may use, e.g. its SLURM allocation)",
+    )
+    p.add_argument(
+        "--num-parts",
+        type=int,
+        default=ShardOptions.num_parts,
+        help="split the work into this many parts, by article, one run each (a SLURM array: "
+        "launch/make_shards_array.sh); then --merge",
+    )
+    p.add_argument(
+        "--part",
+        type=int,
+        default=ShardOptions.part,
+        help="which part this run writes, 0..NUM_PARTS-1 (resumable per part)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="after every part has finished: check them and write the output's sizes.json, "
+        "manifest.json and skipped.jsonl (needs only --output)",
+    )
     p.add_argument("--shuffle", action="store_true", help="shuffle rows within each split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resize-max-side", type=int, default=None)
@@ -1278,8 +1448,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
-    args = build_parser().parse_args(argv)
+def options_from_args(args: argparse.Namespace) -> ShardOptions:
+    if args.input is None or args.images is None:
+        raise ValueError("--input and --images are required (all but --merge)")
     return ShardOptions(
         input=args.input,
         images=args.images,
@@ -1303,10 +1474,12 @@ def options_from_args(argv: Sequence[str] | None = None) -> ShardOptions:
             max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes,
         ),
-        workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
+        workers=len(os.sched_getaffinity(0)) if args.workers is None else args.workers,
         strict=args.strict,
         upload_max_attempts=args.upload_max_attempts,
         upload_backoff_seconds=args.upload_backoff_seconds,
+        num_parts=args.num_parts,
+        part=args.part,
     )
 
 
@@ -1317,8 +1490,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume = f"finished shards are recorded in {PROGRESS_DIR}/: rerun the same command to resume"
     metrics.install_secret_filter(argv)
     try:
-        options = options_from_args(argv)
-        manifest = make_shards(options)
+        args = build_parser().parse_args(argv)
+        if args.merge:
+            from pmc_clip.shard_merge import merge_parts  # it builds on this module
+
+            retry = upload_retry_policy(args.upload_max_attempts, args.upload_backoff_seconds)
+            retry.validate("--upload-max-attempts")
+            manifest = merge_parts(args.output, retry)
+        else:
+            manifest = make_shards(options_from_args(args))
     except ValueError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2

@@ -183,12 +183,16 @@ def file_digest(path: str) -> tuple[int, str]:
     return num_bytes, digest.hexdigest()
 
 
-def remove_stale_staging_files(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+def remove_stale_staging_files(
+    fs: fsspec.AbstractFileSystem, folder: str, name_glob: str = ""
+) -> None:
     """A writer killed with -9 leaves its half-written `.tmp-*` file behind (local folders
     only: object stores never show a partial upload). Call it where one writer owns the
-    folder (make_shards' output, rank 0's checkpoint folder); nothing reads those files."""
+    folder (make_shards' output, rank 0's checkpoint folder), or the files it names
+    (`name_glob`: staged files of destinations `name_glob*`, those of one make_shards
+    part); nothing reads those files."""
     if is_local(fs) and fs.isdir(folder):
-        for path in fs.glob(join(folder, ".tmp-*")):
+        for path in fs.glob(join(folder, f".tmp-{name_glob}*")):
             fs.rm_file(path)
 
 
