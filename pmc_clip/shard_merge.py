@@ -14,7 +14,9 @@ its skipped rows, its row counts). The merge checks every part before it writes 
 Then it writes the output's sizes.json, skipped.jsonl and manifest.json exactly as a
 single run does, the manifest's per-split `pattern` naming every part's shards. Nothing is
 read back from the shards (`tools/inspect_shards.py` verifies their bytes and samples).
-Exit codes as make_shards: 2 when a check fails (nothing written), 1 when storage fails.
+Exit codes as make_shards: 2 when a check fails (nothing written; but a merged manifest.json
+and sizes.json from before, which list a shard found missing or changed, are removed), 1
+when storage fails.
 """
 
 from __future__ import annotations
@@ -61,7 +63,17 @@ def merge_parts(output: str, retry: storage.RetryPolicy) -> dict[str, Any]:
             ]
             for split in sorted({r["split"] for s in summaries for r in s["records"]})
         }
-        _check_stored(fs, root, records, retry)
+        problem = _stored_problem(fs, root, records, retry)
+        if problem is not None:
+            # A merged manifest from before lists the shard as it was: never leave one
+            # naming a shard that is gone or changed.
+            listings = [storage.join(root, name) for name in ("manifest.json", "sizes.json")]
+            removed = [path for path in listings if sharding.exists(fs, path, retry)]
+            for path in removed:
+                sharding.delete(fs, path, retry)
+            if removed:
+                problem += "; removed the merged manifest.json and sizes.json, which list it"
+            raise ValueError(problem)
         skips = sorted((skip for s in summaries for skip in s["skipped"]), key=lambda s: s["row"])
         num_input_rows = summaries[0]["input_rows"]
         manifest = sharding.build_manifest(fingerprint, records, skips, num_input_rows)
@@ -128,13 +140,14 @@ def _check_summaries(
     assert len(set(skipped_rows)) == len(skipped_rows), "a skipped row in two parts"
 
 
-def _check_stored(
+def _stored_problem(
     fs: fsspec.AbstractFileSystem,
     root: str,
     records: dict[str, list[sharding.ShardRecord]],
     retry: storage.RetryPolicy,
-) -> None:
-    """Each recorded shard and its index are in the output, as written: one listing."""
+) -> str | None:
+    """Whether each recorded shard and its index are in the output as written (one
+    listing); else what is wrong with the first that is not, and the part to rerun."""
     shards = [r for split_records in records.values() for r in split_records]
     names = [name for r in shards for name in (r.name, sharding.index_name(r.name))]
     stored = sharding.retried(
@@ -153,6 +166,5 @@ def _check_stored(
             problem = f"has no index {sharding.index_name(record.name)}"
         if problem is not None:
             url = storage.redact_url(sharding.where_of(fs, storage.join(root, record.name)))
-            raise ValueError(
-                f"{url} {problem}: rerun --part {part} (it rewrites that shard), then merge"
-            )
+            return f"{url} {problem}: rerun --part {part} (it rewrites that shard), then merge"
+    return None

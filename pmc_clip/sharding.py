@@ -528,27 +528,30 @@ def _describe_skip(skip: Skip) -> str:
 # --------------------------------------------------------------------------- 3. load
 
 _worker_reader: FigureReader | None = None
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _init_worker(images_url: str, figure_options: FigureOptions, parent_pid: int) -> None:
     # The filesystem is created here, inside the worker, never inherited from the parent.
-    # Ctrl-C reaches the whole process group: the main process stops the pool, and a
-    # worker taking it as well would only print a traceback of its own. (It was blocked
-    # since the worker started: _WorkerSpawnContext.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # Ctrl-C reaches the whole process group, and SLURM's SIGTERM every process of the
+    # job: the main process stops the pool, and a worker taking either as well would only
+    # print a traceback of its own, or die and break the pool. (Both were blocked since
+    # the worker started: _WorkerSpawnContext.)
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     global _worker_reader
     _worker_reader = FigureReader(images_url, figure_options)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
 
 
-class _SigintBlockedProcess(SpawnProcess):
-    """A spawned worker born with SIGINT blocked (a signal mask survives exec) until
-    `_init_worker` ignores it: a Ctrl-C during its start-up, a second or more of imports,
-    would otherwise end it with a KeyboardInterrupt traceback."""
+class _StopSignalsBlockedProcess(SpawnProcess):
+    """A spawned worker born with SIGINT and SIGTERM blocked (a signal mask survives exec)
+    until `_init_worker` ignores them: one during its start-up, a second or more of
+    imports, would otherwise end it with a traceback (or silently, breaking the pool)."""
 
     def start(self) -> None:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             super().start()
         finally:
@@ -556,7 +559,7 @@ class _SigintBlockedProcess(SpawnProcess):
 
 
 class _WorkerSpawnContext(SpawnContext):
-    Process = _SigintBlockedProcess
+    Process = _StopSignalsBlockedProcess
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -1001,7 +1004,7 @@ def _load_progress(
             )
             _discard_shards(out_fs, out_root, options, split, num_valid, retry)
         elif tail is not None and not _tail_matches(tail, split_records, samples, figures):
-            _delete(out_fs, tail_path, retry)
+            delete(out_fs, tail_path, retry)
         elif tail is not None:
             tails[split] = tail["skipped"]
         done[split] = split_records[:num_valid]
@@ -1081,9 +1084,9 @@ def _discard_shards(
     tail = storage.join(progress_root, f"{split}.complete.json")
     for path in [*listing_paths(out_root, options), tail]:
         if exists(out_fs, path, retry):
-            _delete(out_fs, path, retry)
+            delete(out_fs, path, retry)
     for path in [*doomed(progress_root), *doomed(out_root)]:  # listed: they exist
-        _delete(out_fs, path, retry)
+        delete(out_fs, path, retry)
 
 
 def listing_paths(out_root: str, options: ShardOptions) -> list[str]:
@@ -1103,7 +1106,7 @@ def _list(fs: fsspec.AbstractFileSystem, folder: str, retry: storage.RetryPolicy
     return [str(path) for path in paths]
 
 
-def _delete(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> None:
+def delete(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> None:
     retried(fs, retry, "delete", path, lambda: fs.rm_file(path))
 
 
@@ -1312,7 +1315,7 @@ def _write_part_summary(
         return
     for listing in listing_paths(out_root, options):
         if exists(fs, listing, retry):
-            _delete(fs, listing, retry)
+            delete(fs, listing, retry)
     _write_json(fs, path, summary, retry)
 
 
@@ -1483,10 +1486,28 @@ def options_from_args(args: argparse.Namespace) -> ShardOptions:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM cancelling a job or reaching its --time, `kill`), taken like Ctrl-C:
+    the pool stops, staged files are removed and the lock is released (on S3 a lock left
+    behind would hold a resubmitted part off for its 10-minute expiry)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a command-line or start-up error (nothing written); 1 a
-    failure while running (storage, a full disk); 130 Ctrl-C. After 1 or 130, the same
-    command resumes after the last recorded shard."""
+    failure while running (storage, a full disk); 130 Ctrl-C; 143 SIGTERM. After 1, 130
+    or 143, the same command resumes after the last recorded shard."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     resume = f"finished shards are recorded in {PROGRESS_DIR}/: rerun the same command to resume"
     metrics.install_secret_filter(argv)
     try:
@@ -1505,6 +1526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # StorageError, and local write errors (disk full, read-only)
         print(f"make_shards: error: {e}; {resume}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"make_shards: terminated (SIGTERM); {resume}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"make_shards: interrupted; {resume}", file=sys.stderr)
         return 130

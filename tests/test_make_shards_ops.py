@@ -408,11 +408,19 @@ def test_staged_uploads_of_killed_runs_are_removed_and_no_one_elses(
     assert left == {staged["live"], staged["other host"], staged["not ours"]}
 
 
-def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop_signal", "exit_code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_exits_in_one_line_and_the_rerun_resumes(
+    tmp_path: Path, stop_signal: signal.Signals, exit_code: int, said: str
+) -> None:
+    """Ctrl-C, or SIGTERM as SLURM sends it to every process of a cancelled job (or one
+    at its --time): one line, the pool stopped, staged files removed, the lock released."""
     jsonl, images = _dataset(tmp_path, num_articles=24, max_side=96)
     out = tmp_path / "out"
     options = _options(jsonl, images, out)
-    # Its own session: SIGINT to the group reaches the workers too, as a terminal's does.
+    # Its own session: the signal to the group reaches the workers too, as a terminal's does.
     proc = subprocess.Popen(
         _cli(options, "--workers", "2"),
         stdout=subprocess.DEVNULL,
@@ -425,11 +433,11 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes(tmp_path: Path) -> N
         assert proc.poll() is None, "finished before Ctrl-C"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, stop_signal)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == exit_code, err
     assert err.splitlines() == [
-        "make_shards: interrupted; finished shards are recorded in _progress/: rerun the "
+        f"make_shards: {said}; finished shards are recorded in _progress/: rerun the "
         "same command to resume"
     ], err
     assert not (out / "manifest.json").exists()

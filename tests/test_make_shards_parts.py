@@ -144,6 +144,7 @@ def test_merge_checks_the_shards_and_a_changed_part_unlists_the_merge(
     capsys.readouterr()
     assert _run("--merge", "--output", out) == 2
     assert f"{lost.name} is missing: rerun --part 1" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists() and not (out / "sizes.json").exists()
     assert _part(jsonl, images, out, 1) == 0
     assert lost.exists()
     assert _run("--merge", "--output", out) == 0

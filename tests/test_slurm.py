@@ -13,11 +13,13 @@ without root or without a package registry skips; in CI (CI=true) that is a fail
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +33,7 @@ HARNESS = REPO / "tests" / "slurm" / "ci_slurm.sh"
 STUB = REPO / "tests" / "slurm" / "stub_trainer.py"
 PRETRAIN_8NODE = REPO / "launch" / "pretrain_8node.sh"
 PRETRAIN_1NODE = REPO / "launch" / "pretrain_1node.sh"
+MAKE_SHARDS_ARRAY = REPO / "launch" / "make_shards_array.sh"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # One cluster per machine: /etc/slurm, /etc/hosts and the ports are shared, so two test
 # sessions (several checkouts, parallel runs) take turns.
@@ -118,14 +121,15 @@ def submit(workdir: Path, env: Mapping[str, str], *script_args: str) -> int:
     return int(result.stdout.strip().split(";")[0])
 
 
-def wait_for_job(job: int, timeout: int = JOB_TIMEOUT_SECONDS) -> dict[str, str]:
+def wait_for_job(job: int | str, timeout: int = JOB_TIMEOUT_SECONDS) -> dict[str, str]:
     """Poll (1 s) until the job has left the queue for good; its final JobState etc."""
     result = harness("wait", str(job), str(timeout), timeout=timeout + 30)
     assert result.returncode == 0, f"job {job} did not finish:\n{result.stderr}"
     return show_job(job)
 
 
-def show_job(job: int) -> dict[str, str]:
+def show_job(job: int | str) -> dict[str, str]:
+    """`scontrol show job`'s fields; `job` may name an array task (`JOBID_TASK`)."""
     line = subprocess.run(
         ["scontrol", "show", "job", "-o", str(job)],
         capture_output=True,
@@ -355,3 +359,231 @@ def test_8node_training_job_checkpoints_requeues_and_resumes(
     assert min(logged) <= stopped < max(logged), logged
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     assert (run_dir / "checkpoints" / latest["name"]).exists()
+
+
+# ---------------------------------------------------------------- make_shards as an array job
+
+
+def pmc_like_input(root: Path) -> tuple[str, str, dict[int, str]]:
+    """(jsonl, images, {row: reason}): generated articles with figures large enough that a
+    part runs for seconds, plus three bad rows, one per part (skipped rows are dealt to
+    parts by row number)."""
+    from helpers_data import make_figures
+
+    jsonl, images = make_figures(root, num_articles=100, min_side=800, max_side=1200)
+    image_dir = Path(images)
+    (image_dir / "PMC9000001_F1_0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png" * 50)
+    good = next(iter(sorted(image_dir.glob("*.png"))))
+    (image_dir / "PMC9000002_F1_0.png").write_bytes(good.read_bytes())
+    bad = [
+        (
+            {"image": "PMC9000000_F1_0.png", "caption": "A figure.", "pmcid": "PMC9000000"},
+            "missing_file",
+        ),
+        (
+            {"image": "PMC9000001_F1_0.png", "caption": "A figure.", "pmcid": "PMC9000001"},
+            "unreadable_image",
+        ),
+        ({"image": "PMC9000002_F1_0.png", "caption": "", "pmcid": "PMC9000002"}, "empty_caption"),
+    ]
+    lines = Path(jsonl).read_text().splitlines()
+    expected = {len(lines) + i: reason for i, (_, reason) in enumerate(bad)}
+    lines += [json.dumps(record) for record, _ in bad]
+    Path(jsonl).write_text("\n".join(lines) + "\n")
+    return jsonl, images, expected
+
+
+def no_slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without SLURM's job variables (the test may itself run inside a SLURM job)."""
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+
+
+def output_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a make_shards output but its progress records."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def shard_rows(folder: Path) -> list[int]:
+    """The input row of every sample of every shard in `folder` (the `.json` members)."""
+    rows = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    rows.append(json.loads(tar.extractfile(member).read())["row"])  # type: ignore[union-attr]
+    return rows
+
+
+def test_make_shards_array_part_killed_resubmitted_and_merged(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    """launch/make_shards_array.sh with K=3: the array and its merge in one command; part 1
+    killed mid-way (kill -9: no clean-up), so the merge never runs; part 1 resubmitted
+    alone (it resumes: its recorded shards stay as they were), then the merge: every input
+    row is in exactly one shard or in skipped.jsonl, the counts add up, inspect_shards
+    verifies the manifest, and the 3 parts run by hand without SLURM give the same files."""
+    jsonl, images, bad_rows = pmc_like_input(tmp_path / "input")
+    num_rows = len(Path(jsonl).read_text().splitlines())
+    out = tmp_path / "out"
+    # Slow enough to be killed mid-way: one shard per sample, one decoding process.
+    args = "--shard-size 1 --workers 1 --resize-max-side 384"
+    env = no_slurm_env(
+        cpu_env(INPUT=jsonl, IMAGES=images, OUTPUT=str(out), NUM_PARTS="3", MAKE_SHARDS_ARGS=args)
+    )
+
+    submitted = subprocess.run(
+        ["bash", str(MAKE_SHARDS_ARRAY)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    parts = int(re.search(r"parts: array job (\d+)", submitted.stdout).group(1))  # type: ignore[union-attr]
+    merge = int(re.search(r"merge: job (\d+)", submitted.stdout).group(1))  # type: ignore[union-attr]
+    assert "--array=<part>" in submitted.stdout, submitted.stdout  # how to resubmit
+
+    # Kill part 1 as soon as it has recorded its first shard.
+    progress = out / "_progress" / "part-00001"
+    deadline = time.monotonic() + 120
+    while not list(progress.glob("*.tar.json")):
+        assert time.monotonic() < deadline, "part 1 recorded no shard in 120 s"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=KILL", f"{parts}_1"], check=True, timeout=30)
+    wait_for_job(parts)
+    killed = show_job(f"{parts}_1")
+    assert killed["JobState"] != "COMPLETED" and not (progress / "summary.json").exists(), (
+        "part 1 finished before it was killed: make its work larger (more articles or "
+        f"larger figures) so that the test kills it mid-way; {killed}"
+    )
+    kept = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for record in progress.glob("*.tar.json")
+        for p in [out / record.name.removesuffix(".json")]
+    }
+    assert kept
+    for task in (0, 2):
+        final = show_job(f"{parts}_{task}")
+        assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), (
+            final,
+            job_output(tmp_path, parts),
+        )
+    # afterok can no longer be met: the merge is cancelled, not left pending, and wrote nothing.
+    assert wait_for_job(merge)["JobState"] == "CANCELLED"
+    assert not (out / "manifest.json").exists() and not (out / "sizes.json").exists()
+    # The merge step of the script, outside SLURM: exit 2 naming the missing part.
+    early = subprocess.run(
+        ["bash", str(MAKE_SHARDS_ARRAY)],
+        env={**env, "MAKE_SHARDS_STEP": "merge"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert early.returncode == 2, early.stdout + early.stderr
+    assert "1 of 3 parts have not finished (--part 1)" in early.stderr, early.stderr
+    assert not (out / "manifest.json").exists()
+
+    # Resubmit part 1 alone (it resumes), then the merge after it.
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    again = subprocess.run(
+        ["sbatch", "--parsable", "--array=1", str(MAKE_SHARDS_ARRAY)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert again.returncode == 0, again.stderr
+    rerun = int(again.stdout.strip().split(";")[0])
+    merged = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--dependency=afterok:{rerun}",
+            "--kill-on-invalid-dep=yes",
+            "--output=logs/%x-merge-%j.out",
+            str(MAKE_SHARDS_ARRAY),
+        ],
+        cwd=tmp_path,
+        env={**env, "MAKE_SHARDS_STEP": "merge"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert merged.returncode == 0, merged.stderr
+    merge = int(merged.stdout.strip().split(";")[0])
+    final = wait_for_job(merge)
+    merge_log = (tmp_path / "logs" / f"make_shards-merge-{merge}.out").read_text()
+    assert (final["JobState"], final["ExitCode"]) == ("COMPLETED", "0:0"), (
+        final,
+        merge_log,
+        job_output(tmp_path, rerun),
+    )
+    assert show_job(f"{rerun}_1")["ExitCode"] == "0:0"
+    for name, identity in kept.items():  # resumed: what part 1 recorded was not rewritten
+        stat = (out / name).stat()
+        assert (stat.st_ino, stat.st_mtime_ns) == identity, name
+
+    # Every input row in exactly one shard or in skipped.jsonl.
+    written = shard_rows(out)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(written) == len(set(written)), "a row in two shards"
+    assert {s["row"]: s["reason"] for s in skipped} == bad_rows
+    assert sorted(written + [s["row"] for s in skipped]) == list(range(num_rows))
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = manifest["rows"]
+    assert rows["read"] == rows["written"] + rows["skipped"] == num_rows, rows
+    assert (rows["written"], rows["skipped"]) == (len(written), len(bad_rows)), rows
+    assert manifest["parts"] == 3
+    inspected = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "inspect_shards.py"), str(out), "--samples", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inspected.returncode == 0, inspected.stdout + inspected.stderr
+
+    # The same parts by hand, without SLURM (side by side), and their merge: the same files.
+    by_hand = tmp_path / "by_hand"
+    common = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--output", str(by_hand)]
+    inputs = ["--input", jsonl, "--images", images, "--num-parts", "3", *args.split()]
+    runs = [
+        subprocess.Popen(
+            [*common, *inputs, "--part", str(part)],
+            env=no_slurm_env(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for part in range(3)
+    ]
+    for run in runs:
+        _, errors = run.communicate(timeout=180)
+        assert run.returncode == 0, errors
+    merged_by_hand = subprocess.run(
+        [*common, "--merge"], capture_output=True, text=True, timeout=120
+    )
+    assert merged_by_hand.returncode == 0, merged_by_hand.stderr
+    # Shards, indexes and sizes.json byte for byte. The manifest names its --output, and a
+    # skip's `detail` may hold a decoder's message with an object address: compare the rest.
+    listings = ("manifest.json", "skipped.jsonl")
+    files, files_by_hand = output_files(out), output_files(by_hand)
+    assert {k: v for k, v in files_by_hand.items() if k not in listings} == {
+        k: v for k, v in files.items() if k not in listings
+    }
+    assert sum(name.endswith(".tar") for name in files) == len(written)
+    manifest_by_hand = json.loads((by_hand / "manifest.json").read_text())
+    assert manifest_by_hand["options"].pop("output") == str(by_hand)
+    assert manifest["options"].pop("output") == str(out)
+    assert manifest_by_hand == manifest
+    skipped_by_hand = [json.loads(s) for s in (by_hand / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["row"], s["image"], s["reason"]) for s in skipped_by_hand] == [
+        (s["row"], s["image"], s["reason"]) for s in skipped
+    ]
