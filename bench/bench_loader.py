@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import functools
 import io
-import json
 import multiprocessing
 import os
 import resource
@@ -66,7 +65,10 @@ def prepare(out: Path, num_articles: int, shard_size: int) -> tuple[str, Path, i
     """Synthetic figures (256-640 px) -> shards and a tokenizer; cached in `out`."""
     from helpers_text import build_tokenizer
 
-    from pmc_clip.sharding import ShardOptions, make_shards
+    from pmc_clip import storage
+    from pmc_clip.sharding.format import Manifest
+    from pmc_clip.sharding.options import ShardOptions
+    from pmc_clip.sharding.run import make_shards
     from pmc_clip.synthetic import SyntheticOptions, generate
 
     shards = out / "shards"
@@ -89,9 +91,8 @@ def prepare(out: Path, num_articles: int, shard_size: int) -> tuple[str, Path, i
         )
     if not (tokenizer_dir / "vocab.txt").exists():
         build_tokenizer(tokenizer_dir)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    split = manifest["splits"]["train"]
-    return str(shards / split["pattern"]), tokenizer_dir, int(split["samples"])
+    split = Manifest.load(*storage.url_to_fs(str(shards))).splits["train"]
+    return str(shards / split.pattern), tokenizer_dir, split.samples
 
 
 # --------------------------------------------------------------------------- limit
@@ -149,7 +150,7 @@ def run_ours(
     mlm_probability: float,
 ) -> tuple[int, float]:
     from pmc_clip.config import DataConfig
-    from pmc_clip.data import build_train_loader
+    from pmc_clip.data.loaders import build_train_loader
 
     tokenizer = caption_tokenizer(tokenizer_dir, mlm_probability)
     config = DataConfig(
@@ -264,10 +265,12 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
     import torch
     from PIL import Image
 
-    from pmc_clip import shard_index, storage, transforms
-    from pmc_clip.data import KEPT_EXTENSIONS, BatchBuilder, sample_rng
-    from pmc_clip.sample_order import Run
-    from pmc_clip.shard_runs import RunReader
+    from pmc_clip import shard_index, transforms
+    from pmc_clip.data import shard_reader
+    from pmc_clip.data.batches import BatchBuilder
+    from pmc_clip.data.decode import KEPT_EXTENSIONS, sample_rng
+    from pmc_clip.data.sample_order import Run
+    from pmc_clip.data.shard_runs import RunReader
     from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
     torch.set_num_threads(1)
@@ -277,7 +280,11 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
         with open(shard_index.index_url(url), "rb") as file:
             counts.append(shard_index.ShardIndex.from_bytes(file.read(), url).num_samples)
     # One-sample runs, as training reads local shards (span 1).
-    runs = [Run(s, i, i + 1, 0, 0) for s, n in enumerate(counts) for i in range(n)]
+    runs = [
+        Run(shard=s, first=i, stop=i + 1, stream=0, position=0)
+        for s, n in enumerate(counts)
+        for i in range(n)
+    ]
     tokenizer = CaptionTokenizer(load_tokenizer(str(tokenizer_dir)), 77, mlm_probability=0.15)
     best: dict[str, float] = {}
 
@@ -288,8 +295,8 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
         reader = RunReader(
             urls,
             tuple(counts),
-            storage.ShardFilesystems(storage.ShardReadOptions()),
-            storage.ShardReadCounters(),
+            shard_reader.ShardFilesystems(shard_reader.ShardReadOptions()),
+            shard_reader.ShardReadCounters(),
             KEPT_EXTENSIONS,
         )
         start = time.perf_counter()
@@ -299,7 +306,7 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
         start = time.perf_counter()
         images = []
         for sample in samples:
-            rng = sample_rng(0, 0, sample["__key__"])
+            rng = sample_rng(seed=0, epoch=0, key=sample["__key__"])
             data = sample["jpg"] if "jpg" in sample else sample["png"]
             with Image.open(io.BytesIO(data)) as image:
                 images.append(transforms.train_transform(image, 224, (0.5, 1.0), rng))
@@ -310,7 +317,7 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
             chunk = samples[first : first + 64]
             tokenizer.batch(
                 [s["txt"].decode() for s in chunk],
-                [sample_rng(0, 0, s["__key__"]) for s in chunk],
+                [sample_rng(seed=0, epoch=0, key=s["__key__"]) for s in chunk],
             )
         timed("tokenizer + MLM", start, num_full)
         rows = [

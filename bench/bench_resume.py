@@ -30,7 +30,7 @@ def first_batch_seconds(
 ) -> tuple[float, int]:
     """(seconds from load_state_dict to the first batch, samples decoded by then)."""
     from pmc_clip.config import DataConfig
-    from pmc_clip.data import build_train_loader
+    from pmc_clip.data.loaders import build_train_loader
 
     tokenizer = caption_tokenizer(tokenizer_dir, 0.15)
     config = DataConfig(

@@ -1,6 +1,6 @@
 """Shuffle quality and coverage of the training order at cluster scale, computed from the
 orders themselves (no image is decoded): the old shard-per-reader stream against the
-sample-exact order (pmc_clip/sample_order.py).
+sample-exact order (pmc_clip/data/sample_order.py).
 
     .venv/bin/python bench/bench_shuffle.py            # PMC-OA on 8 nodes x 8 GPUs x 8 workers
 
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from pmc_clip.sample_order import EpochOrder, OrderConfig
+from pmc_clip.data.sample_order import EpochOrder, OrderConfig
 
 
 def article_ids(num_samples: int, seed: int = 0) -> np.ndarray:
@@ -71,14 +71,30 @@ def new_order(
     shard_sizes: np.ndarray, nodes: int, ranks: int, batch: int, span: int, epoch: int
 ) -> list[list[np.ndarray]]:
     starts = np.concatenate([[0], np.cumsum(shard_sizes)])
-    config = OrderConfig(0, nodes, span, False, int(starts[-1]))
-    order = EpochOrder(shard_sizes, np.ones(len(shard_sizes)), config, epoch)
+    config = OrderConfig(
+        seed=0,
+        num_canonical_nodes=nodes,
+        span_samples=span,
+        resampled=False,
+        samples_per_epoch=int(starts[-1]),
+    )
+    order = EpochOrder(
+        shard_sizes=shard_sizes,
+        shard_weights=np.ones(len(shard_sizes)),
+        config=config,
+        epoch=epoch,
+    )
     global_batch = ranks * batch
     steps = []
     for step in range(order.num_steps(global_batch)):
         per_rank = []
         for rank in range(ranks):
-            runs = order.rank_runs(step * global_batch, global_batch, rank, batch)
+            runs = order.rank_runs(
+                consumed=step * global_batch,
+                global_batch=global_batch,
+                rank=rank,
+                batch_size=batch,
+            )
             per_rank.append(
                 np.concatenate([np.arange(r.first, r.stop) + starts[r.shard] for r in runs])
             )

@@ -29,17 +29,22 @@ echo "== 2/4 make shards into $demo_dir/shards (train/valid/test by article)"
   --images "$demo_dir/data/images" --output "$demo_dir/shards" \
   --shard-size 64 --shuffle --seed 0 --workers 2 >/dev/null
 "$py" tools/inspect_shards.py "$demo_dir/shards" --samples 2
-train_data="$demo_dir/shards/$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['splits']['train']['pattern'])" "$demo_dir/shards/manifest.json")"
-val_data="$demo_dir/shards/$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['splits']['valid']['pattern'])" "$demo_dir/shards/manifest.json")"
+# A split's shards, as the manifest names them (pmc_clip/sharding/format.py reads it).
+split_pattern() {
+  "$py" -c "import sys; from pmc_clip import storage; from pmc_clip.sharding.format import Manifest
+print(Manifest.load(*storage.url_to_fs(sys.argv[1])).splits[sys.argv[2]].pattern)" "$demo_dir/shards" "$1"
+}
+train_data="$demo_dir/shards/$(split_pattern train)"
+val_data="$demo_dir/shards/$(split_pattern valid)"
 
 echo "== 3/4 train the tiny model: $nproc processes, gloo, CPU, $epochs epochs"
 # `--` ends torchrun's own options (it would read --logs as its --logs-specs).
 "$venv/bin/torchrun" --standalone --nproc_per_node "$nproc" -m pmc_clip.train -- \
   --train-data "$train_data" --val-data "$val_data" \
   --model tiny --tokenizer "$demo_dir/data/tokenizer" --mlm \
-  --batch-size 32 --workers 1 --epochs "$epochs" --lr 2e-3 --wd 0.1 --warmup 20 \
+  --batch-size 32 --workers 1 --epochs "$epochs" --lr 2e-3 --warmup 20 \
   --precision fp32 --device cpu --val-frequency 4 --save-frequency 4 \
-  --logs "$demo_dir/logs" --name demo --log-every-n-steps 20 --seed 0
+  --logs "$demo_dir/logs" --name demo --log-every-n-steps 20
 
 echo "== 4/4 evaluate the last checkpoint on the held-out split"
 "$py" -m pmc_clip.evaluate --resume "$demo_dir/logs/demo/checkpoints/epoch_$epochs.pt" \

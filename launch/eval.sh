@@ -13,8 +13,9 @@
 #   CHECKPOINT (required)   a checkpoint file (local or URL), or a run's checkpoints/
 #                           folder (then the one its latest.json names)
 #   VAL_DATA (required)     shard pattern(s) to evaluate on
-#   MODEL (RN50_fusion4), TEXT_ENCODER (PubMedBERT; empty: the model config's BERT),
-#   TOKENIZER, BATCH_SIZE (256), WORKERS (8), PRECISION (amp_bf16 on GPU, fp32 on CPU),
+#   MODEL and WORKERS (unset: the evaluator's defaults, `python -m pmc_clip.evaluate --help`),
+#   TEXT_ENCODER (PubMedBERT; empty: the model config's BERT), TOKENIZER, BATCH_SIZE
+#   (256), PRECISION (amp_bf16 on GPU, fp32 on CPU),
 #   LOGS_DIR (logs), RUN_NAME (eval-<checkpoint's run>-<date>), NPROC_PER_NODE (GPUs; 1),
 #   PMC_CLIP_DEVICE (cuda with GPUs, else cpu), DIST_BACKEND, MASTER_PORT (29501),
 #   PMC_CLIP_VENV (<repo>/.venv), PMC_CLIP_PYTHON, PMC_CLIP_ENV_SCRIPT
@@ -48,16 +49,16 @@ run="$(basename "$(dirname "$(dirname "$checkpoint")")")"
 args=(
   --val-data "$val_data"
   --resume "$checkpoint"
-  --model "${MODEL:-RN50_fusion4}"
   --batch-size "${BATCH_SIZE:-256}"
-  --workers "${WORKERS:-8}"
   --precision "${PRECISION:-$precision}"
   --device "$device"
   --dist-backend "${DIST_BACKEND:-$backend}"
   --logs "${LOGS_DIR:-logs}"
   --name "${RUN_NAME:-eval-$run-$(date +%Y%m%d-%H%M%S)}"
-  --report-to tensorboard
 )
+# Unset: the evaluator's default (`python -m pmc_clip.evaluate --help`).
+[[ -n ${MODEL:-} ]] && args+=(--model "$MODEL")
+[[ -n ${WORKERS:-} ]] && args+=(--workers "$WORKERS")
 text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext}"
 [[ -n $text_encoder ]] && args+=(--text-encoder "$text_encoder")
 [[ -n ${TOKENIZER:-} ]] && args+=(--tokenizer "$TOKENIZER")

@@ -15,10 +15,11 @@
 #
 # Variables (default): the same as launch/pretrain_8node.sh - TRAIN_DATA
 # (shards/pmc-oa-train-{000000..000131}.tar), VAL_DATA, TRAIN_NUM_SAMPLES,
-# DATASET_RESAMPLED (0), CACHE_DIR, CACHE_LIMIT_BYTES, MODEL (RN50_fusion4), TEXT_ENCODER (PubMedBERT; empty: random
-# init), TOKENIZER, MLM (1), BATCH_SIZE (128), LR (1e-4), WD (0.1), WARMUP (500), EPOCHS
-# (100), WORKERS (8), PRECISION (amp_bf16 on GPU, fp32 on CPU), SEED (0),
-# SAVE_EVERY_N_STEPS (1000), LOGS_DIR (logs), RUN_NAME (pmc-clip-1node), PMC_CLIP_VENV
+# DATASET_RESAMPLED (0), CACHE_DIR, CACHE_LIMIT_BYTES, TEXT_ENCODER (PubMedBERT; empty:
+# random init), TOKENIZER, MLM (1), MODEL, BATCH_SIZE, LR, WD, WARMUP, EPOCHS, WORKERS, SEED
+# (unset: the trainer's defaults, `python -m pmc_clip.train --help`), PRECISION (amp_bf16
+# on GPU, fp32 on CPU), SAVE_EVERY_N_STEPS (1000), LOGS_DIR (logs), RUN_NAME
+# (pmc-clip-1node), PMC_CLIP_VENV
 # (<repo>/.venv), PMC_CLIP_PYTHON, PMC_CLIP_ENV_SCRIPT, PMC_CLIP_ENTRY (pmc_clip.train),
 # MASTER_PORT (29500), OMP_NUM_THREADS (4); and
 #   NPROC_PER_NODE  (GPUs torch sees; 1 without a GPU)
@@ -55,24 +56,20 @@ entry="${PMC_CLIP_ENTRY:-pmc_clip.train}"
 if [[ $entry == *.py ]]; then entry_args=(-- "$entry"); else entry_args=(-m -- "$entry"); fi
 args=(
   --train-data "${TRAIN_DATA:-$default_train_data}"
-  --model "${MODEL:-RN50_fusion4}"
-  --batch-size "${BATCH_SIZE:-128}"
-  --lr "${LR:-1e-4}"
-  --wd "${WD:-0.1}"
-  --warmup "${WARMUP:-500}"
-  --epochs "${EPOCHS:-100}"
-  --workers "${WORKERS:-8}"
   --precision "${PRECISION:-$precision_default}"
-  --seed "${SEED:-0}"
   --device "$device"
   --dist-backend "$backend"
   --logs "$logs_dir"
   --name "${RUN_NAME:-pmc-clip-1node}"
-  --report-to tensorboard
-  --save-frequency 1
   --save-every-n-steps "${SAVE_EVERY_N_STEPS:-1000}"
   --resume latest
 )
+# Unset: the trainer's default (`python -m pmc_clip.train --help`), restated nowhere here.
+for var_flag in MODEL:--model BATCH_SIZE:--batch-size LR:--lr WD:--wd WARMUP:--warmup \
+  EPOCHS:--epochs WORKERS:--workers SEED:--seed; do
+  var="${var_flag%%:*}"
+  [[ -n ${!var:-} ]] && args+=("${var_flag#*:}" "${!var}")
+done
 text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext}"
 [[ -n $text_encoder ]] && args+=(--text-encoder "$text_encoder")
 [[ -n ${TOKENIZER:-} ]] && args+=(--tokenizer "$TOKENIZER")

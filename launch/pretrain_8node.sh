@@ -54,11 +54,11 @@
 #                (the same every epoch), so epoch 2 onward reads nothing from object storage
 #   CACHE_LIMIT_BYTES (none)           bound on CACHE_DIR; no re-downloads if it holds a
 #                node's share of the shards (dataset bytes / nodes, plus one shard)
-#   MODEL RN50_fusion4; TEXT_ENCODER microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext
+#   TEXT_ENCODER microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext
 #                (hub id or local directory; set empty for a randomly initialised BERT);
-#   TOKENIZER (the text encoder's); MLM 1 (0: contrastive only)
-#   BATCH_SIZE 128 (per GPU); LR 1e-4; WD 0.1; WARMUP 500; EPOCHS 100; WORKERS 8 (per GPU);
-#   PRECISION amp_bf16; SEED 0; SAVE_EVERY_N_STEPS 1000
+#   TOKENIZER (the text encoder's); MLM 1 (0: contrastive only); SAVE_EVERY_N_STEPS 1000
+#   MODEL, BATCH_SIZE (per GPU), LR, WD, WARMUP, EPOCHS, WORKERS (per GPU), PRECISION, SEED:
+#                unset, the trainer's defaults (`python -m pmc_clip.train --help`)
 #   LOGS_DIR logs (relative to the submit directory); RUN_NAME <job name>-<job id>
 #   PMC_CLIP_DEVICE cuda; DIST_BACKEND nccl; NPROC_PER_NODE (ranks per node) = GPUs per node
 #   MASTER_PORT 15000 + job id % 20000
@@ -127,24 +127,20 @@ entry="${PMC_CLIP_ENTRY:-pmc_clip.train}"
 if [[ $entry == *.py ]]; then entry_args=("$entry"); else entry_args=(-m "$entry"); fi
 args=(
   --train-data "$train_data"
-  --model "${MODEL:-RN50_fusion4}"
-  --batch-size "${BATCH_SIZE:-128}"
-  --lr "${LR:-1e-4}"
-  --wd "${WD:-0.1}"
-  --warmup "${WARMUP:-500}"
-  --epochs "${EPOCHS:-100}"
-  --workers "${WORKERS:-8}"
-  --precision "${PRECISION:-amp_bf16}"
-  --seed "${SEED:-0}"
   --device "${PMC_CLIP_DEVICE:-cuda}"
   --dist-backend "${DIST_BACKEND:-nccl}"
   --logs "$logs_dir"
   --name "$run_name"
-  --report-to tensorboard
-  --save-frequency 1
   --save-every-n-steps "${SAVE_EVERY_N_STEPS:-1000}"
   --resume latest
 )
+# Unset: the trainer's default (`python -m pmc_clip.train --help`), restated nowhere here.
+for var_flag in MODEL:--model BATCH_SIZE:--batch-size LR:--lr WD:--wd WARMUP:--warmup \
+  EPOCHS:--epochs WORKERS:--workers SEED:--seed; do
+  var="${var_flag%%:*}"
+  [[ -n ${!var:-} ]] && args+=("${var_flag#*:}" "${!var}")
+done
+[[ -n ${PRECISION:-} ]] && args+=(--precision "$PRECISION")
 # TEXT_ENCODER set but empty: a randomly initialised BERT of the model's config.
 text_encoder="${TEXT_ENCODER-microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext}"
 [[ -n $text_encoder ]] && args+=(--text-encoder "$text_encoder")

@@ -37,7 +37,7 @@ from transformers import BertConfig
 
 from pmc_clip import checkpoint, storage, transforms
 from pmc_clip.config import EVAL_PREPROCESS_CHOICES, RELEASED_CHECKPOINT, ModelSpec
-from pmc_clip.evaluate import ZEROSHOT_TEMPLATES, class_text_features
+from pmc_clip.evaluator import ZEROSHOT_TEMPLATES, class_text_features
 from pmc_clip.model import PUBMEDBERT, ModelConfig, PMCClip, create_model, load_config
 from pmc_clip.model.image import ModifiedResNet, build_image_encoder
 from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer

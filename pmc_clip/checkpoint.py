@@ -1,4 +1,5 @@
 """Checkpoint I/O: atomic training checkpoints, and the released PMC-CLIP checkpoint.
+What a training checkpoint holds, and saving and resuming a run: checkpointer.py.
 
 The released `checkpoint.pt` (PMC_CLIP:beta) is a dict {epoch, name, state_dict,
 optimizer, scaler} saved from a DDP-wrapped model (keys may start with `module.`), with
@@ -122,11 +123,11 @@ def probe_writable(directory: str) -> None:
         fs.rm_file(probe)
 
 
-def checkpoint_name(epoch: int, step: int, end_of_epoch: bool) -> str:
+def checkpoint_name(*, epoch: int, step: int, end_of_epoch: bool) -> str:
     return f"epoch_{epoch}.pt" if end_of_epoch else f"step_{step}.pt"
 
 
-def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last: int) -> str:
+def save_checkpoint(directory: str, *, name: str, state: dict[str, Any], keep_last: int) -> str:
     """Write `state` as `directory/name`, then point `latest.json` at it; return its URL.
 
     Atomic: the file is staged, hashed and published whole (rename, or one upload), its
@@ -162,7 +163,7 @@ def save_checkpoint(directory: str, name: str, state: dict[str, Any], keep_last:
     }
     storage.write_bytes_atomic(fs, dest + ".json", json.dumps(info).encode())
     storage.write_bytes_atomic(fs, storage.join(root, LATEST), json.dumps(info).encode())
-    _prune_step_checkpoints(fs, root, keep_last, keep=name)
+    _prune_step_checkpoints(fs, root, keep_last=keep_last, keep=name)
     return storage.join(directory, name)
 
 
@@ -218,7 +219,7 @@ def _interrupt_after() -> Iterator[None]:
 
 
 def _prune_step_checkpoints(
-    fs: fsspec.AbstractFileSystem, root: str, keep_last: int, keep: str
+    fs: fsspec.AbstractFileSystem, root: str, *, keep_last: int, keep: str
 ) -> None:
     names = [os.path.basename(p) for p in fs.glob(storage.join(root, "step_*.pt"))]
     steps = sorted(names, key=lambda n: int(n[len("step_") : -len(".pt")]))
@@ -243,7 +244,7 @@ def resolve_latest(directory: str) -> str | None:
         return None
     if is_folder:
         raise ValueError(f"{where} is a folder, not the file save_checkpoint writes; {_FIX_LATEST}")
-    info = _read_info(fs, pointer, pointer_url, _FIX_LATEST)
+    info = _read_info(fs, path=pointer, url=pointer_url, fix=_FIX_LATEST)
     name = info.get("name")
     # A bare file name of this folder: "../x" or "/etc/x" would load a file from elsewhere.
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
@@ -297,7 +298,7 @@ def load_checkpoint(path_or_url: str) -> dict[str, Any]:
     with storage.redacting_errors("read the sha256 sidecar of checkpoint", path_or_url):
         has_sidecar = fs.isfile(path + ".json")
     if has_sidecar:
-        info = _read_info(fs, path + ".json", path_or_url + ".json", _FIX_SIDECAR)
+        info = _read_info(fs, path=path + ".json", url=path_or_url + ".json", fix=_FIX_SIDECAR)
         digest, num_bytes = info.get("sha256"), info.get("bytes")
         if not isinstance(digest, str) or type(num_bytes) is not int:
             raise ValueError(
@@ -333,7 +334,7 @@ _FIX_LATEST = "delete it to start afresh, or pass --resume with a checkpoint's p
 _FIX_SIDECAR = "delete it to load the checkpoint unchecked"
 
 
-def _read_info(fs: fsspec.AbstractFileSystem, path: str, url: str, fix: str) -> dict[str, Any]:
+def _read_info(fs: fsspec.AbstractFileSystem, *, path: str, url: str, fix: str) -> dict[str, Any]:
     """A JSON object written by save_checkpoint (`latest.json`, a sidecar)."""
     with storage.redacting_errors("read", url):
         data = storage.read_bytes(fs, path)

@@ -21,9 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# A peer that died (kill -9, OOM, lost node) must not leave the others waiting for
-# NCCL's default 30 minutes in a collective: they fail after this many seconds.
-DEFAULT_TIMEOUT_SECONDS = 600
 _SLURM_PORT_BASE = 15_000
 _SLURM_PORT_RANGE = 20_000
 
@@ -114,8 +111,9 @@ def select_device(info: DistInfo, device: str) -> torch.device:
 def init_process_group(
     info: DistInfo,
     device: torch.device,
+    *,
     backend: str | None = None,
-    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    timeout_seconds: float,
 ) -> None:
     """NCCL on CUDA, gloo on CPU (unless `backend` says otherwise). No-op for one process."""
     if info.world_size == 1:

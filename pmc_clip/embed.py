@@ -50,11 +50,14 @@ from PIL import Image
 
 from pmc_clip import api, distributed, metrics, shard_index, storage
 from pmc_clip.config import EVAL_PREPROCESS_CHOICES, DataConfig
-from pmc_clip.data import IMAGE_EXTENSIONS, PIL_FORMATS, group_samples
-from pmc_clip.evaluate import IMAGE_SUFFIXES
-from pmc_clip.shard_runs import SKIPPED_KEY
-from pmc_clip.sharding import Skip, read_rows, safe_relative_path
-from pmc_clip.trainer import EXIT_CODE_INTERRUPTED, TABLE_SUFFIXES
+from pmc_clip.data.decode import IMAGE_EXTENSIONS, PIL_FORMATS
+from pmc_clip.data.eval_stages import group_samples
+from pmc_clip.data.shard_runs import SKIPPED_KEY
+from pmc_clip.data.val_tables import TABLE_SUFFIXES
+from pmc_clip.entry import EXIT_CODE_INTERRUPTED
+from pmc_clip.evaluator import IMAGE_SUFFIXES
+from pmc_clip.sharding.plan import safe_relative_path
+from pmc_clip.sharding.rows import Skip, read_rows
 
 # "_" first: pyarrow.dataset (and Spark) skip it when reading the folder as a dataset.
 MANIFEST = "_embed.json"
@@ -126,7 +129,7 @@ def _table_items(
     table: str, image_dir: str, image_key: str, caption_key: str, separator: str
 ) -> list[Item]:
     items = []
-    for row, record in read_rows(table, separator):
+    for row, record in read_rows(table, csv_separator=separator):
         if isinstance(record, Skip):
             log.warning("row %d of %s skipped: %s", row, storage.redact_url(table), record)
             continue

@@ -28,10 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pmc_clip.config import LossConfig
 from pmc_clip.tokenize import IGNORE_INDEX
-
-DEFAULT_CLIP_WEIGHT = 0.5  # paper: loss = 0.5 * contrastive + 0.5 * MLM
-DEFAULT_MLM_WEIGHT = 0.5
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -74,6 +72,7 @@ class ClipLoss:
 
     def __init__(
         self,
+        *,
         rank: int = 0,
         world_size: int = 1,
         local_loss: bool = True,
@@ -173,8 +172,9 @@ class PMCClipLoss:
     def __init__(
         self,
         clip_loss: ClipLoss | None = None,
-        clip_weight: float = DEFAULT_CLIP_WEIGHT,
-        mlm_weight: float = DEFAULT_MLM_WEIGHT,
+        *,
+        clip_weight: float = LossConfig.clip_weight,
+        mlm_weight: float = LossConfig.mlm_weight,
     ) -> None:
         if clip_weight < 0 or mlm_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got {clip_weight}, {mlm_weight}")

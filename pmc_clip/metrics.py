@@ -7,20 +7,31 @@ one-rank job's. Scalars passed here are already averaged over ranks by the calle
 Every entry point installs the secret filter (`install_secret_filter`) first: whatever a
 log record says, a credential given on the command line or in the environment comes out
 as `***`, a second line of defence behind the redaction of every URL we print.
+
+Training's numbers: a `StepWindow` sums the step losses between two log lines on the
+device (no host sync), `train_scalars` turns a window into the logged scalars, and
+`RunRecords` writes them (and evaluation results) to the writers and the run folder's
+`metrics.jsonl` / `eval.jsonl`. torch is imported where it is used: make_shards logs
+through this module and never loads torch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
 from pmc_clip.storage import argument_secrets
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -174,7 +185,7 @@ class ScalarWriter:
             self._wandb_run = None
 
 
-def start_wandb_run(run_dir: str, name: str, project: str, config: dict[str, Any]) -> Any:
+def start_wandb_run(run_dir: str, *, name: str, project: str, config: dict[str, Any]) -> Any:
     """Start (or, when `run_dir` names one, continue) the run's Weights & Biases run.
     `config` must be the redacted RunConfig.to_dict(). wandb's files go under WANDB_DIR,
     else under `run_dir`; WANDB_MODE=offline keeps them local."""
@@ -225,3 +236,117 @@ def format_scalars(scalars: dict[str, float]) -> str:
             f"{short} {value:.3e}" if abs(value) < 1e-2 and value else f"{short} {value:.4g}"
         )
     return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- training's numbers
+
+CONSOLE_KEYS = (
+    "train/loss",
+    "train/contrastive_loss",
+    "train/mlm_loss",
+    "train/lr",
+    "train/logit_scale",
+    "perf/samples_per_second",
+    "perf/wait_fraction",
+)
+
+
+class StepWindow:
+    """Loss sums and counts between two log lines, kept on the device (no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.num_steps = 0
+        self.num_samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], num_samples: int) -> None:
+        """One step's `losses` (detached, on the device) over `num_samples` samples."""
+        import torch
+
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
+        self.num_steps += 1
+        self.num_samples += num_samples
+
+    def mean(self, world_size: int) -> dict[str, float]:
+        """Mean loss per step over the window and the ranks (a collective)."""
+        import torch
+
+        from pmc_clip.distributed import all_reduce_mean
+
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names]) / max(self.num_steps, 1)
+        averaged = all_reduce_mean(stacked, world_size)
+        return dict(zip(names, averaged.tolist(), strict=True))
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: the GPU's allocations, or the CPU process's RSS."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def train_scalars(
+    window: StepWindow,
+    *,
+    means: dict[str, float],
+    state: dict[str, float],
+    loader_meter: dict[str, float],
+    world_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The scalars of one log line: the window's mean losses (`means`, from
+    `window.mean`), the trainer's `state` (lr, logit scale, ...: already named
+    `train/...`), throughput and memory, and the loader's meter (`data/...` -> `perf/...`)."""
+    seconds = window.seconds()
+    global_rate = window.num_samples * world_size / seconds
+    return {
+        **{f"train/{name}": value for name, value in means.items()},
+        **state,
+        "perf/samples_per_second": global_rate,
+        "perf/samples_per_second_per_device": global_rate / world_size,
+        "perf/step_seconds": seconds / window.num_steps,
+        "perf/memory_gb": memory_gb(device),
+        **{f"perf/{k.split('/', 1)[1]}": v for k, v in loader_meter.items()},
+    }
+
+
+class RunRecords:
+    """Rank 0's records of a run: scalars to the writers, one JSON line per log line
+    (`metrics.jsonl`) and per evaluation (`eval.jsonl`) in the run folder, a console line."""
+
+    def __init__(self, run_dir: str, scalars: ScalarWriter, log: logging.Logger) -> None:
+        self.run_dir, self.scalars, self.log = run_dir, scalars, log
+
+    def train(self, scalars: dict[str, float], *, epoch: int, step: int, total_steps: int) -> None:
+        self.scalars.write(step, scalars)
+        self._append("metrics.jsonl", {"epoch": epoch, "step": step, **scalars})
+        self.log.info(
+            "epoch %d step %d/%d | %s",
+            epoch,
+            step,
+            total_steps,
+            format_scalars({k: scalars[k] for k in CONSOLE_KEYS if k in scalars}),
+        )
+
+    def evaluation(self, results: dict[str, float], *, epoch: int, step: int) -> None:
+        self.scalars.write(step, {f"val/{k}": v for k, v in results.items()})
+        self.log.info("eval at step %d: %s", step, json.dumps(results))
+        self._append("eval.jsonl", {"epoch": epoch, "step": step, **results})
+
+    def close(self) -> None:
+        self.scalars.close()
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        with open(os.path.join(self.run_dir, name), "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -38,7 +38,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     )
 
 
-def lr_at_step(step: int, config: OptimConfig, total_steps: int) -> float:
+def lr_at_step(step: int, config: OptimConfig, *, total_steps: int) -> float:
     """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at
     `total_steps`. `step` counts optimizer steps from 0."""
     if step < config.warmup_steps:

@@ -31,13 +31,12 @@ output). Build or refresh indexes with `python tools/index_shards.py 'SHARDS'`.
 
 from __future__ import annotations
 
-import inspect
 import io
 import re
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -316,9 +315,6 @@ def tar_members(tar: tarfile.TarFile, shard_bytes: int | None) -> Iterator[TarMe
     (tarfile's own skip would, at the end of the data, loop once per 10 KiB the header
     claims: hours for a size field of 2**60.)
     """
-    from webdataset.tariterators import base_plus_ext  # imports torch: only readers need it
-
-    is_sample_member = _webdataset_member_filter()
     for info in tar:
         # Stream mode keeps every TarInfo otherwise (an attribute typeshed does not list).
         tar.members = []  # type: ignore[attr-defined]
@@ -330,7 +326,7 @@ def tar_members(tar: tarfile.TarFile, shard_bytes: int | None) -> Iterator[TarMe
                 "the member's header is damaged"
             )
         in_sample = is_sample_member(info)
-        key, extension = base_plus_ext(info.name) if in_sample else (None, None)
+        key, extension = split_member_name(info.name) if in_sample else (None, None)
         yield TarMember(info, in_sample, key, (extension or "").lower(), tar)  # lcase=True
         _skip_to(tar, info)
 
@@ -347,23 +343,30 @@ def _skip_to(tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
             )
 
 
-def _webdataset_member_filter() -> Callable[[tarfile.TarInfo], bool]:
-    """Which tar members webdataset's tar_file_iterator passes on to group_by_keys (its
-    rules, in its order, with its own constants and default `skip_meta` pattern)."""
-    from webdataset import tariterators
+# webdataset's reading rules, as its tariterators has them (tar_file_iterator's meta_prefix,
+# meta_suffix and default skip_meta; base_plus_ext's split): written here because
+# importing webdataset imports torch, ~2.5 s of CPU in make_shards' main process, which
+# indexes every shard it writes. tests/test_shard_index.py pins them to webdataset's own.
+_META_PREFIX = _META_SUFFIX = "__"
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
-    skip_meta = inspect.signature(tariterators.tar_file_iterator).parameters["skip_meta"].default
-    prefix, suffix = tariterators.meta_prefix, tariterators.meta_suffix
 
-    def is_sample_member(member: tarfile.TarInfo) -> bool:
-        name = member.name
-        if not member.isreg():
-            return False
-        if "/" not in name and name.startswith(prefix) and name.endswith(suffix):
-            return False
-        return skip_meta is None or not re.match(skip_meta, name)
+def is_sample_member(member: tarfile.TarInfo) -> bool:
+    """Whether webdataset's tar_file_iterator passes `member` on to group_by_keys."""
+    name = member.name
+    if not member.isreg():
+        return False
+    if "/" not in name and name.startswith(_META_PREFIX) and name.endswith(_META_SUFFIX):
+        return False
+    return not _SKIP_META.match(name)
 
-    return is_sample_member
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) as webdataset's base_plus_ext splits a member name: at the first
+    dot of its last path component; (None, None) without one."""
+    match = _KEY_AND_EXTENSION.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def read_index(fs: fsspec.AbstractFileSystem, path: str, name: str) -> ShardIndex:

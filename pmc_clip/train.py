@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import sys
 
-from pmc_clip.trainer import Trainer, cli, start_training
+from pmc_clip.config import parse_run_config
+from pmc_clip.entry import cli
+from pmc_clip.trainer import Trainer
+
+
+def start_training(argv: list[str]) -> Trainer:
+    return Trainer(parse_run_config(argv, "Pretrain PMC-CLIP."))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,9 @@ from helpers_text import build_tokenizer
 
 from pmc_clip import storage
 from pmc_clip.config import DataConfig
-from pmc_clip.sharding import ShardOptions, make_key, make_shards
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.plan import make_key
+from pmc_clip.sharding.run import make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate
 from pmc_clip.tokenize import CaptionTokenizer
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pmc_clip.sharding import ShardOptions, make_shards
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate, write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -81,7 +81,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         "config": {"model": dataclasses.asdict(spec)},
         "tokenizer": api.tokenizer_identity(caption_tokenizer),
     }
-    path = checkpoint.save_checkpoint(str(run_dir / "checkpoints"), "step_3.pt", state, 1)
+    path = checkpoint.save_checkpoint(
+        str(run_dir / "checkpoints"), name="step_3.pt", state=state, keep_last=1
+    )
     (run_dir / "config.json").write_text(json.dumps({"checkpoint": {"checkpoint_dir": None}}))
     return TinyRun(run_dir, path, tokenizer_dir, _write_images(root / "images", 3), model)
 

@@ -40,7 +40,7 @@ def saved(data: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dic
     trainer = Trainer(parse_run_config(_args(data, root, "--model", str(model_config))))
     for sig, handler in saved_signals.items():
         signal.signal(sig, handler)
-    path = Path(trainer._save(end_of_epoch=False))
+    path = Path(trainer.checkpointer.save(end_of_epoch=False))
     return {"checkpoint": path, "model_config": model_config}
 
 
@@ -234,7 +234,7 @@ def test_a_checkpoint_interrupted_while_written_leaves_no_staged_file(
     KeyboardInterrupt (the entry point exits 130, quietly), the staged `.tmp-` file goes,
     latest.json still names the previous checkpoint."""
     state = {"format": checkpoint.CHECKPOINT_FORMAT, "step": 1, "model": {"w": torch.zeros(9)}}
-    checkpoint.save_checkpoint(str(tmp_path), "step_1.pt", state, keep_last=2)
+    checkpoint.save_checkpoint(str(tmp_path), name="step_1.pt", state=state, keep_last=2)
     write = checkpoint._ErrorKeepingWriter.write
     calls = []
 
@@ -246,7 +246,7 @@ def test_a_checkpoint_interrupted_while_written_leaves_no_staged_file(
 
     monkeypatch.setattr(checkpoint._ErrorKeepingWriter, "write", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(str(tmp_path), "step_2.pt", state, keep_last=2)
+        checkpoint.save_checkpoint(str(tmp_path), name="step_2.pt", state=state, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "latest.json",
         "step_1.pt",

@@ -36,12 +36,8 @@ from PIL import Image
 
 from pmc_clip import shard_index, storage, transforms
 from pmc_clip.config import CLIP_MEAN, CLIP_STD, DataConfig
-from pmc_clip.data import (
-    POOL_SLOTS_BEYOND_PREFETCH,
-    TrainLoader,
-    build_eval_loader,
-    build_train_loader,
-)
+from pmc_clip.data.batches import POOL_SLOTS_BEYOND_PREFETCH
+from pmc_clip.data.loaders import TrainLoader, build_eval_loader, build_train_loader
 from pmc_clip.tokenize import CaptionTokenizer
 
 NUM_ARTICLES = 40  # x 4 figures = 160 samples
@@ -102,7 +98,9 @@ def run_ranks(
     rank and world size passed in)."""
     out = []
     for rank in range(world_size):
-        loader = build_train_loader(cfg, tokenizer, rank, world_size, seed=seed, epoch=epoch)
+        loader = build_train_loader(
+            cfg, tokenizer, rank=rank, world_size=world_size, seed=seed, epoch=epoch
+        )
         batches = collect(loader)
         assert len(batches) == loader.num_batches
         out.append(batches)
@@ -151,12 +149,12 @@ def test_reused_image_buffers_never_overwrite_a_batch_the_consumer_keeps(
     batch. A consumer that keeps every batch must see each intact (the workers fall back to
     one-off buffers), and one that lets go at once gets the same pixels from a few buffers."""
     cfg = data_config(even.pattern, batch_size=4)  # 40 batches: 20 per worker, 5 slots each
-    keeper = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    keeper = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     kept = collect(keeper)
     assert len(kept) == 40
     assert keeper.meter.totals()["batch_buffers_allocated"] == 40  # none could be reused
 
-    prompt = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    prompt = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     copies: dict[str, torch.Tensor] = {}
     with deadline(60):
         for batch in prompt:
@@ -201,14 +199,20 @@ def test_more_readers_than_shards_every_sample_once_per_epoch_for_three_epochs(
     assert left_out[0] != left_out[1] != left_out[2]
     # Local shards are read by seeks: by default every sample is placed on its own.
     default = build_train_loader(
-        data_config(two_shards.pattern, span_samples=None), tokenizer, 0, 4, 0
+        data_config(two_shards.pattern, span_samples=None), tokenizer, rank=0, world_size=4, seed=0
     )
     assert default.state_dict()["span_samples"] == 1
     with pytest.raises(ValueError, match="less than one global batch"):
-        build_train_loader(data_config(two_shards.pattern, batch_size=64), tokenizer, 0, 4, seed=0)
+        build_train_loader(
+            data_config(two_shards.pattern, batch_size=64), tokenizer, rank=0, world_size=4, seed=0
+        )
     with pytest.raises(ValueError, match="multiple of the 3 canonical nodes"):
         build_train_loader(
-            data_config(two_shards.pattern, num_canonical_nodes=3), tokenizer, 0, 2, seed=0
+            data_config(two_shards.pattern, num_canonical_nodes=3),
+            tokenizer,
+            rank=0,
+            world_size=2,
+            seed=0,
         )
 
 
@@ -260,7 +264,7 @@ def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
         return {process.pid for process in multiprocessing.active_children()} - others
 
     cfg = data_config(even.pattern)
-    loader = build_train_loader(cfg, tokenizer, 0, 2, seed=1)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=2, seed=1)
     first = collect(loader)
     workers = worker_pids()
     assert len(workers) == 2  # alive after their epoch
@@ -269,7 +273,7 @@ def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
     # a fresh loader's epoch 1.
     second = collect(loader)
     assert worker_pids() == workers
-    fresh = collect(build_train_loader(cfg, tokenizer, 0, 2, seed=1, epoch=1))
+    fresh = collect(build_train_loader(cfg, tokenizer, rank=0, world_size=2, seed=1, epoch=1))
     assert same_batches(second, fresh)
     assert keys_of(second) != keys_of(first)
     # A pass left early takes its workers along; new ones continue where it stopped.
@@ -279,7 +283,10 @@ def test_workers_persist_across_epochs_and_a_left_pass_restarts_them(
     assert len(worker_pids()) == 2 and not worker_pids() & workers
     # The new workers decode only what they deliver: nothing before the resume point.
     assert loader.meter.totals()["samples_read"] == len(rest) * 8
-    assert same_batches(head + rest, collect(build_train_loader(cfg, tokenizer, 0, 2, 1, 2)))
+    assert same_batches(
+        head + rest,
+        collect(build_train_loader(cfg, tokenizer, rank=0, world_size=2, seed=1, epoch=2)),
+    )
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -287,15 +294,15 @@ def test_resume_continues_the_stream_exactly(
     even: Shards, tokenizer: CaptionTokenizer, resampled: bool
 ) -> None:
     cfg = data_config(even.pattern, dataset_resampled=resampled)
-    loader = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
+    loader = build_train_loader(cfg, tokenizer, rank=1, world_size=2, seed=3, epoch=2)
     full = collect(loader)
     assert loader.state_dict()["samples_consumed"] == 16 * len(full) == 160
     for step in (3, 4, 9):  # on either worker's turn, and at 90% of the epoch
-        interrupted = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=2)
+        interrupted = build_train_loader(cfg, tokenizer, rank=1, world_size=2, seed=3, epoch=2)
         head = take(interrupted, step)
         state = interrupted.state_dict()
         assert (state["epoch"], state["samples_consumed"]) == (2, step * 16)
-        resumed = build_train_loader(cfg, tokenizer, 1, 2, seed=3, epoch=0)
+        resumed = build_train_loader(cfg, tokenizer, rank=1, world_size=2, seed=3, epoch=0)
         resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint holds it
         assert len(resumed) == 10 - step
         rest = collect(resumed)
@@ -304,7 +311,7 @@ def test_resume_continues_the_stream_exactly(
         assert resumed.state_dict()["samples_consumed"] == 160
         assert resumed.meter.totals()["samples_read"] == (10 - step) * 8  # none skipped
     with pytest.raises(ValueError, match="seed 3 -> 4"):
-        build_train_loader(cfg, tokenizer, 1, 2, seed=4).load_state_dict(state)
+        build_train_loader(cfg, tokenizer, rank=1, world_size=2, seed=4).load_state_dict(state)
 
 
 def test_resume_on_other_world_sizes_and_worker_counts_finishes_the_same_epoch(
@@ -317,7 +324,9 @@ def test_resume_on_other_world_sizes_and_worker_counts_finishes_the_same_epoch(
     before: list[str] = []
     states = []
     for rank in range(4):
-        loader = build_train_loader(cfg, tokenizer, rank, 4, seed=9, epoch=1, ranks_per_node=2)
+        loader = build_train_loader(
+            cfg, tokenizer, rank=rank, world_size=4, seed=9, epoch=1, ranks_per_node=2
+        )
         before += keys_of(take(loader, 3))
         states.append(loader.state_dict())
     assert all(state == states[0] for state in states)  # every rank saves the same position
@@ -326,7 +335,7 @@ def test_resume_on_other_world_sizes_and_worker_counts_finishes_the_same_epoch(
         after: list[str] = []
         other = data_config(two_shards.pattern, batch_size=batch_size, num_workers=workers)
         for rank in range(world_size):
-            loader = build_train_loader(other, tokenizer, rank, world_size, seed=9)
+            loader = build_train_loader(other, tokenizer, rank=rank, world_size=world_size, seed=9)
             loader.load_state_dict(states[rank % 4])
             batches = collect(loader)
             assert loader.meter.totals()["samples_read"] == len(batches) * batch_size
@@ -338,7 +347,7 @@ def test_resume_on_other_world_sizes_and_worker_counts_finishes_the_same_epoch(
         assert len(two_shards.keys - set(before) - set(after)) < global_batch
     with pytest.raises(ValueError, match="multiple of the 2 canonical nodes"):
         odd = data_config(two_shards.pattern, batch_size=3)
-        build_train_loader(odd, tokenizer, 0, 1, seed=9).load_state_dict(states[0])
+        build_train_loader(odd, tokenizer, rank=0, world_size=1, seed=9).load_state_dict(states[0])
 
 
 def test_eval_loader_delivers_every_sample_once_with_a_partial_last_batch(
@@ -347,13 +356,15 @@ def test_eval_loader_delivers_every_sample_once_with_a_partial_last_batch(
     cfg = dataclasses.replace(data_config(None, val_data=uneven.pattern), val_batch_size=16)
     delivered: list[str] = []
     for rank in range(2):
-        loader = build_eval_loader(cfg, tokenizer, rank, 2)
+        loader = build_eval_loader(cfg, tokenizer, rank=rank, world_size=2)
         batches = collect(loader)
         assert loader.rank_num_samples() == sum(len(b["keys"]) for b in batches)
         assert any(len(b["keys"]) < 16 for b in batches)
         delivered += keys_of(batches)
         # Eval: centre crops, the same each time.
-        assert same_batches(batches, collect(build_eval_loader(cfg, tokenizer, rank, 2)))
+        assert same_batches(
+            batches, collect(build_eval_loader(cfg, tokenizer, rank=rank, world_size=2))
+        )
     assert len(delivered) == 160 and set(delivered) == uneven.keys
     assert loader.num_samples == 160
 
@@ -406,7 +417,7 @@ def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
     _write_tar(tmp_path / "mixed-1.tar", good[3:] + bad[2:])
     (tmp_path / "sizes.json").write_text(json.dumps({"mixed-0.tar": 5, "mixed-1.tar": 6}))
     cfg = data_config(None, val_data=str(tmp_path / "mixed-{0..1}.tar"), num_workers=0)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING, logger="pmc_clip.data"):
         batches = collect(loader)
     assert sorted(keys_of(batches)) == [f"good{i}" for i in range(6)]
@@ -424,7 +435,7 @@ def test_bad_samples_are_skipped_and_counted_and_pickles_never_loaded(
             index = shard_index.build_index(file, shard.stat().st_size)
         shard.with_suffix(".idx").write_bytes(index.to_bytes())
     train = data_config(str(tmp_path / "mixed-{0..1}.tar"), batch_size=11, num_workers=0)
-    loader = build_train_loader(train, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(train, tokenizer, rank=0, world_size=1, seed=0)
     batches = collect(loader)
     assert [len(batch["keys"]) for batch in batches] == [11]
     assert set(keys_of(batches)) <= {f"good{i}" for i in range(6)}
@@ -446,15 +457,17 @@ def test_shards_without_manifest_are_counted_by_their_indexes_and_need_one(
     with pytest.raises(
         ValueError, match=r"16 of 16 --train-data shards have no sample index.*index_shards\.py"
     ):
-        build_train_loader(data_config(pattern), tokenizer, 0, 1, seed=0)
+        build_train_loader(data_config(pattern), tokenizer, rank=0, world_size=1, seed=0)
     for index in even.root.glob("*.idx"):
         (bare / index.name).symlink_to(index)
-    loader = build_train_loader(data_config(pattern), tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(data_config(pattern), tokenizer, rank=0, world_size=1, seed=0)
     assert loader.num_samples == 160
     with pytest.raises(ValueError, match="without --dataset-resampled an epoch is every"):
-        build_train_loader(data_config(pattern, train_num_samples=64), tokenizer, 0, 1, seed=0)
+        build_train_loader(
+            data_config(pattern, train_num_samples=64), tokenizer, rank=0, world_size=1, seed=0
+        )
     resampled = data_config(pattern, train_num_samples=64, dataset_resampled=True)
-    assert build_train_loader(resampled, tokenizer, 0, 1, seed=0).num_samples == 64
+    assert build_train_loader(resampled, tokenizer, rank=0, world_size=1, seed=0).num_samples == 64
 
 
 def test_a_shard_changed_after_indexing_is_an_error_naming_the_tool(
@@ -468,14 +481,22 @@ def test_a_shard_changed_after_indexing_is_an_error_naming_the_tool(
     shard = copy / "pmc-oa-train-000003.tar"
     shard.write_bytes(shard.read_bytes() + b"\0" * 1024)  # rewritten: another size
     loader = build_train_loader(
-        data_config(str(copy / Path(even.pattern).name), num_workers=0), tokenizer, 0, 1, seed=0
+        data_config(str(copy / Path(even.pattern).name), num_workers=0),
+        tokenizer,
+        rank=0,
+        world_size=1,
+        seed=0,
     )
     with pytest.raises(ValueError, match=r"000003\.tar is \d+ bytes, its index says.*index_shards"):
         collect(loader)
     # Rewritten at the same size (a member's header changed): caught by its checksum.
     shard.write_bytes((even.root / shard.name).read_bytes().replace(b"0000444", b"0000400", 1))
     loader = build_train_loader(
-        data_config(str(copy / Path(even.pattern).name), num_workers=0), tokenizer, 0, 1, seed=0
+        data_config(str(copy / Path(even.pattern).name), num_workers=0),
+        tokenizer,
+        rank=0,
+        world_size=1,
+        seed=0,
     )
     with pytest.raises(ValueError, match=r"000003\.tar has no valid tar header.*index_shards"):
         collect(loader)
@@ -497,11 +518,11 @@ def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(
     pattern = str(tmp_path / Path(even.pattern).name)
     if split == "train":
         loader: Any = build_train_loader(
-            data_config(pattern, num_workers=0), tokenizer, 0, 1, seed=0
+            data_config(pattern, num_workers=0), tokenizer, rank=0, world_size=1, seed=0
         )
     else:
         cfg = data_config(None, val_data=pattern, val_batch_size=8, num_workers=0)
-        loader = build_eval_loader(cfg, tokenizer, 0, 1)
+        loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING):
         batches = collect(loader, seconds=60)
     assert "000003.tar" in caplog.text and "not a regular file" in caplog.text
@@ -517,14 +538,14 @@ def test_sources_joined_with_double_colon_weights_and_no_pipe(
 ) -> None:
     spec = f"{even.pattern}::{uneven.pattern}"
     assert [len(urls) for urls in storage.expand_spec(spec)] == [16, 23]
-    loader = build_train_loader(data_config(spec), tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(data_config(spec), tokenizer, rank=0, world_size=1, seed=0)
     assert loader.num_samples == 320  # both manifests read
     with pytest.raises(ValueError, match="needs --dataset-resampled"):
         data_config(spec, train_data_upsampling_factors=(1.0, 3.0))
     with pytest.raises(ValueError, match="2 '::'-joined"):
         data_config(spec, train_data_upsampling_factors=(1.0,), dataset_resampled=True)
     weighted = data_config(spec, train_data_upsampling_factors=(1.0, 3.0), dataset_resampled=True)
-    weighted_loader = build_train_loader(weighted, tokenizer, 0, 1, seed=0)
+    weighted_loader = build_train_loader(weighted, tokenizer, rank=0, world_size=1, seed=0)
     assert weighted_loader.num_samples == 160 + 3 * 160
     drawn = keys_of(collect(weighted_loader))
     # Each source has the same keys; upsampled 3x, the second source's shards (23 of them,
@@ -533,7 +554,9 @@ def test_sources_joined_with_double_colon_weights_and_no_pipe(
     # Training reads byte ranges: a pipe: source is refused at start-up.
     first = f"{even.root}/pmc-oa-train-000000.tar"
     with pytest.raises(ValueError, match="pipe: command cannot serve"):
-        build_train_loader(data_config(f"pipe:cat {first}"), tokenizer, 0, 1, seed=0)
+        build_train_loader(
+            data_config(f"pipe:cat {first}"), tokenizer, rank=0, world_size=1, seed=0
+        )
 
 
 @pytest.mark.parametrize("count", [4.5, True, None, "8", [8], -1])
@@ -546,7 +569,11 @@ def test_manifest_counts_must_be_non_negative_integers(
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
     with pytest.raises(ValueError, match=r"sizes\.json: the sample count of 'pmc-oa-train-000001"):
         build_train_loader(
-            data_config(str(tmp_path / "pmc-oa-train-{000000..000001}.tar")), tokenizer, 0, 1, 0
+            data_config(str(tmp_path / "pmc-oa-train-{000000..000001}.tar")),
+            tokenizer,
+            rank=0,
+            world_size=1,
+            seed=0,
         )
 
 

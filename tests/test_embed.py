@@ -16,8 +16,9 @@ from PIL import Image
 
 from pmc_clip import api, distributed, embed, export
 from pmc_clip.config import ModelSpec
-from pmc_clip.sharding import ShardOptions, make_shards
-from pmc_clip.trainer import EXIT_CODE_INTERRUPTED
+from pmc_clip.entry import EXIT_CODE_INTERRUPTED
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 
 NUM_IMAGES = 5
 

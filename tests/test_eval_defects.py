@@ -20,11 +20,13 @@ from helpers_text import build_tokenizer, make_batch, save_released_checkpoint, 
 from helpers_train import build_train_data, run, train_args
 from PIL import Image
 
-from pmc_clip import checkpoint, evaluate, transforms
+from pmc_clip import checkpoint, evaluator, transforms
 from pmc_clip.config import DataConfig, parse_run_config
-from pmc_clip.data import SampleProcessor
+from pmc_clip.data.decode import SampleProcessor
+from pmc_clip.evaluate import start_evaluation
 from pmc_clip.model import PMCClip, create_model
-from pmc_clip.trainer import Trainer, start_evaluation, start_training
+from pmc_clip.session import Session
+from pmc_clip.train import start_training
 
 pytestmark = pytest.mark.usefixtures("restore_stop_handlers")
 
@@ -124,25 +126,31 @@ def _two_rank_worker(argv: list[str]) -> None:
     embeddings the trainer's evaluation computes on this rank; then embed the same val
     batches as `python -m pmc_clip.evaluate --resume <the checkpoint>` does (a fresh model
     with the checkpoint's weights) and report whether they are identical, and the metrics."""
-    recorded: list[evaluate.Embeddings] = []
-    embed = evaluate.embed
+    recorded: list[evaluator.Embeddings] = []
+    embed = evaluator.embed
 
-    def recording_embed(*args: Any, **kwargs: Any) -> evaluate.Embeddings:
+    def recording_embed(*args: Any, **kwargs: Any) -> evaluator.Embeddings:
         recorded.append(embed(*args, **kwargs))
         return recorded[-1]
 
-    evaluate.embed = recording_embed
+    evaluator.embed = recording_embed
     trainer = start_training(argv)
     assert trainer.fit() == 0
-    evaluate.embed = embed
-    latest = checkpoint.resolve_latest(trainer.checkpoint_dir)
+    evaluator.embed = embed
+    latest = checkpoint.resolve_latest(trainer.checkpointer.directory)
     assert latest is not None and len(recorded) == 1
     saved = create_model(trainer.model.config)
     saved.load_state_dict(checkpoint.load_checkpoint(latest)["model"])
     assert trainer.val_loader is not None
-    from_checkpoint = evaluate.embed(saved, trainer.val_loader, trainer.device, "fp32")
-    metrics = evaluate.evaluate_retrieval(
-        saved, trainer.val_loader, trainer.device, "fp32", trainer.rank, 2, 4096
+    from_checkpoint = evaluator.embed(saved, trainer.val_loader, trainer.device, precision="fp32")
+    metrics = evaluator.evaluate_retrieval(
+        saved,
+        trainer.val_loader,
+        device=trainer.device,
+        precision="fp32",
+        rank=trainer.rank,
+        world_size=2,
+        chunk_size=4096,
     )
     in_training = recorded[0]
     identical = (
@@ -197,7 +205,7 @@ def test_zero_shot_runs_at_the_models_image_size(data: dict[str, str], tmp_path:
                 tmp_path / "classes" / name / f"{i}.png"
             )
     argv = train_args(data, tmp_path, "zeroshot", "--zeroshot-data", str(tmp_path / "classes"))
-    trainer = Trainer(parse_run_config(argv), train=False)
+    trainer = Session(parse_run_config(argv))
     assert trainer.model.config.image_size == 64 != trainer.config.data.image_size
     results = trainer.evaluate()
     assert results["zeroshot_num_images"] == 4 and results["zeroshot_num_classes"] == 2

@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 from conftest import S3_BUCKET, FaultProxy
 from helpers_data import deadline
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin
 from test_make_shards import _read_samples
 
-from pmc_clip.figures import FigureOptions
-from pmc_clip.sharding import ShardOptions, main, make_shards
+from pmc_clip.sharding.cli import main
+from pmc_clip.sharding.figures import Figure, FigureError, FigureOptions, check_figure
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 
 ORIENTATION = ExifTags.Base.Orientation
 
@@ -434,3 +436,156 @@ def test_truncated_images_zip_is_one_startup_line(
         "archive (File is not a zip file); a truncated or partly downloaded zip lacks the "
         "directory at its end: fetch it again\n"
     )
+
+
+# --------------------------------------------------------------------------- draft decode
+
+
+def _textured(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Gradients, stripes and noise: a resize that loses or shifts detail shows in it."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    pixels = np.stack(
+        [128 + 100 * np.sin(x / 37), 128 + 100 * np.cos(y / 23), (x + y) * 255 / (width + height)],
+        axis=-1,
+    )
+    pixels += np.random.default_rng(0).normal(0, 12, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.fixture
+def drafts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(full size, requested size) of every draft a JPEG decode is asked for."""
+    seen: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: Any) -> Any:
+        seen.append((self.size, size))
+        return draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return seen
+
+
+def _distance_to_full_decode(stored: bytes, original: bytes) -> tuple[float, float]:
+    """Mean absolute pixel difference (of 255) between a stored figure and the original
+    fully decoded, oriented and resized to the stored size; and the same for that full
+    decode resize itself saved at q90 (what the re-encoding alone costs)."""
+    image = Image.open(io.BytesIO(stored))
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(original)))
+    reference = shown.resize(image.size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    reference.save(buffer, "JPEG", quality=90)
+    reencoded = Image.open(buffer).convert("RGB")
+    pixels = np.asarray(reference.convert("RGB"), np.float64)
+    return (
+        float(np.abs(np.asarray(image.convert("RGB"), np.float64) - pixels).mean()),
+        float(np.abs(np.asarray(reencoded, np.float64) - pixels).mean()),
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "target"),
+    [
+        ((2000, 1500), "RGB", (512, 384)),  # 1/2 would be 1000x750, 1/4 500x375 < target
+        ((1024, 1024), "RGB", (512, 512)),  # exactly 1/2: the draft is the target
+        ((4100, 300), "RGB", (512, 37)),  # the short side limits the scale (1/8)
+        ((513, 100), "RGB", (512, 100)),  # barely over: no scale fits, a full decode
+        ((1600, 1200), "L", (512, 384)),
+        ((1600, 1200), "CMYK", (512, 384)),
+    ],
+)
+def test_shrunk_jpeg_is_decoded_in_draft_mode_to_the_same_target(
+    drafts: list[tuple[tuple[int, int], tuple[int, int]]],
+    size: tuple[int, int],
+    mode: str,
+    target: tuple[int, int],
+) -> None:
+    """A JPEG over --resize-max-side is DCT-scaled while decoding, never below its target:
+    same stored size and mode as a full decode would give, pixels close to it, the same
+    bytes on every run (a resumed run rewrites shards byte for byte)."""
+    data = _jpeg(_textured(*size, mode))
+    options = FigureOptions(resize_max_side=512, jpeg_quality=90)
+    figure = check_figure(data, options)
+    assert isinstance(figure, Figure)
+    assert drafts == [(size, target)]
+    stored = Image.open(io.BytesIO(figure.data))
+    assert (figure.ext, stored.format, stored.mode, stored.size) == ("jpg", "JPEG", mode, target)
+    assert (figure.width, figure.height) == target
+    assert (figure.original_width, figure.original_height) == size
+    assert (figure.original_mode, figure.reencoded, figure.conversion) == (mode, True, None)
+    # Close to a full decode's resize: the DCT-scaled decode adds at most 2.5/255 of mean
+    # difference (1.8 at 1/8 on this noisy texture) to what re-encoding alone costs.
+    difference, reencoding = _distance_to_full_decode(figure.data, data)
+    assert difference < reencoding + 2.5
+    assert check_figure(data, options) == figure
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7, 8])
+def test_draft_decode_keeps_the_exif_orientation(
+    drafts: list[tuple[tuple[int, int], tuple[int, int]]], orientation: int
+) -> None:
+    """The target is of the figure as shown; the draft is requested in the frame the
+    pixels are stored in (swapped for orientations that transpose), so 1/8 is taken for
+    1600x800 stored, shown 800x1600, resized to 100x200."""
+    data = _jpeg(_textured(1600, 800), exif=_exif(orientation))
+    figure = check_figure(data, FigureOptions(resize_max_side=200))
+    assert isinstance(figure, Figure)
+    transposed = orientation >= 5
+    shown = (800, 1600) if transposed else (1600, 800)
+    target = (100, 200) if transposed else (200, 100)
+    assert drafts == [((1600, 800), (200, 100))]
+    assert (figure.width, figure.height, figure.original_width, figure.original_height) == (
+        *target,
+        *shown,
+    )
+    assert figure.conversion == "exif_orientation"
+    stored = Image.open(io.BytesIO(figure.data))
+    assert stored.size == target and ORIENTATION not in stored.getexif()
+    difference, reencoding = _distance_to_full_decode(figure.data, data)
+    assert difference < reencoding + 2.5
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_is_refused_in_draft_mode(
+    drafts: list[tuple[tuple[int, int], tuple[int, int]]], progressive: bool
+) -> None:
+    """A draft decode reads the whole entropy-coded stream (only the inverse DCT is
+    scaled): a large JPEG cut anywhere, even just before its end marker, is refused as
+    it is by a full decode, never shrunk and stored."""
+    data = _jpeg(_textured(2000, 1500), progressive=progressive)
+    options = FigureOptions(resize_max_side=256)
+    for end in (len(data) // 2, len(data) * 9 // 10, len(data) - 100, len(data) - 2):
+        drafts.clear()
+        error = check_figure(data[:end], options)
+        assert isinstance(error, FigureError), end
+        assert (error.reason, error.detail.split("(")[0]) == (
+            "unreadable_image",
+            "OSError: image file is truncated ",
+        )
+        assert drafts == [((2000, 1500), (256, 192))]  # the draft path was the one taken
+    assert isinstance(check_figure(data, options), Figure)
+
+
+@pytest.mark.parametrize("limit", [4_000_000, 6_000_000])  # over 2x the limit, and within
+def test_bomb_is_refused_on_its_full_size_before_any_draft(
+    drafts: list[tuple[tuple[int, int], tuple[int, int]]], limit: int
+) -> None:
+    """--max-image-pixels applies to the size in the header (3000x3000 = 9 MP), not to
+    the 375x375 a draft would decode, and is checked before any pixel is decoded."""
+    data = _jpeg(Image.new("RGB", (3000, 3000), "white"))
+    error = check_figure(data, FigureOptions(resize_max_side=512, max_image_pixels=limit))
+    assert isinstance(error, FigureError) and error.reason == "decompression_bomb"
+    assert drafts == []
+
+
+def test_figures_not_shrunk_are_fully_decoded_and_kept_byte_for_byte(
+    drafts: list[tuple[tuple[int, int], tuple[int, int]]],
+) -> None:
+    """No draft for a JPEG within the limit (its bytes are stored), nor for other formats
+    (a PNG is resized from its full decode)."""
+    small = _jpeg(_textured(512, 300))
+    kept = check_figure(small, FigureOptions(resize_max_side=512))
+    assert isinstance(kept, Figure) and kept.data == small and not kept.reencoded
+    png = check_figure(_png(_textured(1000, 600)), FigureOptions(resize_max_side=512))
+    assert isinstance(png, Figure) and (png.ext, png.width, png.height) == ("png", 512, 307)
+    assert drafts == []

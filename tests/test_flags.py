@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from pmc_clip.flags import add_options, flag_of, given_options, option
+from pmc_clip.flags import (
+    add_options,
+    check_at_least,
+    flag_of,
+    given_options,
+    nested_parser,
+    option,
+    parse_nested,
+)
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,12 @@ class _Config:
     resampled: bool = option(
         False, "--dataset-resampled", "draw with replacement", action="store_true"
     )
+    timeout_seconds: float = option(60.0, "--timeout-seconds", "a read fails after", type=float)
+    local: bool = option(True, "--global", "gather everything", action="store_false")
     internal: int = 3  # no flag
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "batch_size")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,3 +67,42 @@ def test_help_shows_meaning_unit_and_default(capsys: pytest.CaptureFixture[str])
     assert flag_of(_Config, "image_dir") == "--image-dir"
     with pytest.raises(SystemExit):
         _parser().parse_args(["--internal", "4"])
+
+
+def test_switches_show_off_and_units_come_from_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dataset-resampled draw with replacement (default: off)" in text
+    assert "--global gather everything (default: off)" in text  # store_false of a True field
+    assert "a read fails after [seconds] (default: 60.0)" in text
+    args = _parser().parse_args(["--global"])
+    assert given_options(args, _Config, "data.") == {"local": False}
+
+
+@dataclass(frozen=True)
+class _Log:
+    every_n_steps: int = option(10, "--log-every", "between lines", unit="steps", type=int)
+
+
+@dataclass(frozen=True)
+class _Run:
+    data: _Config
+    log: _Log
+
+
+def test_nested_dataclasses_parse_one_group_each(capsys: pytest.CaptureFixture[str]) -> None:
+    run = parse_nested(_Run, ["--log-every", "5", "--batch-size", "2"])
+    assert run == _Run(_Config(batch_size=2), _Log(every_n_steps=5))
+    assert parse_nested(_Run, []) == _Run(_Config(), _Log())
+    nested_parser(_Run, "Run it.").print_help()
+    text = capsys.readouterr().out
+    assert "Run it." in text and "\ndata:\n" in text and "\nlog:\n" in text
+
+
+def test_check_at_least_names_the_flag() -> None:
+    with pytest.raises(ValueError, match=r"^--batch-size must be >= 1, got 0$"):
+        _Config(batch_size=0)
+    check_at_least(_Config(), 128, "batch_size", "image_dir")  # at the minimum; None: unset
+    with pytest.raises(ValueError, match=r"^--timeout-seconds must be >= 61, got 60\.0$"):
+        check_at_least(_Config(), 61, "batch_size", "timeout_seconds")

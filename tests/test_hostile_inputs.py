@@ -25,8 +25,10 @@ from PIL import Image
 from test_make_shards import _read_samples
 
 from pmc_clip.config import DataConfig
-from pmc_clip.data import build_eval_loader
-from pmc_clip.sharding import ShardOptions, main, make_shards
+from pmc_clip.data.loaders import build_eval_loader
+from pmc_clip.sharding.cli import main
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
@@ -250,7 +252,7 @@ def test_trainer_loader_reads_every_written_hostile_sample(
     pattern = str(out / manifest["splits"]["train"]["pattern"])
     tokenizer = caption_tokenizer(tmp_path / "tokenizer")
     cfg = DataConfig(val_data=pattern, val_batch_size=4, num_workers=0, image_size=16)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     keys = keys_of(collect(loader))
     assert sorted(keys) == sorted(_read_samples(out)) and len(keys) == 11
     totals = loader.meter.totals()

@@ -22,10 +22,10 @@ import pytest
 from helpers_data import IMAGE_SIZE, caption_tokenizer, collect, data_config, deadline, keys_of
 from PIL import Image
 
-from pmc_clip import inspect_shards
 from pmc_clip.config import DataConfig
-from pmc_clip.data import build_eval_loader, build_train_loader
+from pmc_clip.data.loaders import build_eval_loader, build_train_loader
 from pmc_clip.shard_index import build_index
+from pmc_clip.sharding import inspect as inspect_shards
 from pmc_clip.tokenize import CaptionTokenizer
 
 HUGE_CLAIM = 1 << 60  # a size field (GNU base-256) no shard can hold
@@ -123,7 +123,9 @@ def test_a_member_claiming_more_bytes_than_its_shard_stops_that_shard_at_once(
                 f"{root}/sizes.json": sizes.encode(),
             }
         )
-    loader = build_eval_loader(_val_config(f"{root}/v-{{0..1}}.tar"), tokenizer, 0, 1)
+    loader = build_eval_loader(
+        _val_config(f"{root}/v-{{0..1}}.tar"), tokenizer, rank=0, world_size=1
+    )
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader, seconds=20))
     # The sample before the hostile member arrives; the shard stops there, the rest of it
@@ -161,7 +163,7 @@ def test_members_over_the_limit_and_dropped_members_are_never_read_in_training(
         fs.put_file(str(tmp_path / "t-0.idx"), pattern.replace(".tar", ".idx"))
     # One run of all 4 samples: a single read before the fix.
     cfg = data_config(pattern, batch_size=4, num_workers=0, span_samples=4, max_member_bytes=MiB)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     with caplog.at_level(logging.WARNING):
         batches = collect(loader, seconds=30)
     assert [len(batch["keys"]) for batch in batches] == [4] and "s2" not in keys_of(batches)
@@ -185,7 +187,10 @@ def test_members_over_the_limit_and_dropped_members_are_never_held_in_evaluation
     (tmp_path / "v-0.tar").write_bytes(_tar(members))
     (tmp_path / "sizes.json").write_text(json.dumps({"v-0.tar": 3}))
     loader = build_eval_loader(
-        _val_config(str(tmp_path / "v-0.tar"), max_member_bytes=MiB), tokenizer, 0, 1
+        _val_config(str(tmp_path / "v-0.tar"), max_member_bytes=MiB),
+        tokenizer,
+        rank=0,
+        world_size=1,
     )
     tracemalloc.start()
     try:
@@ -211,12 +216,16 @@ def test_compressed_shards_are_refused_at_start_up_and_never_inflated(
     (tmp_path / "v-0.tar.gz").write_bytes(gzip.compress(shard))
     (tmp_path / "sizes.json").write_text(json.dumps({"v-0.tar.gz": 4}))
     with pytest.raises(ValueError, match=r"v-0\.tar\.gz is not a \.tar: only plain tar shards"):
-        build_eval_loader(_val_config(str(tmp_path / "v-0.tar.gz")), tokenizer, 0, 1)
+        build_eval_loader(
+            _val_config(str(tmp_path / "v-0.tar.gz")), tokenizer, rank=0, world_size=1
+        )
     # gzip bytes under a .tar name: not a tar, nothing inflated, the shard skipped and named.
     (tmp_path / "v-1.tar").write_bytes(gzip.compress(shard))
     (tmp_path / "v-2.tar").write_bytes(_tar(_pair("after")))
     (tmp_path / "sizes.json").write_text(json.dumps({"v-1.tar": 4, "v-2.tar": 1}))
-    loader = build_eval_loader(_val_config(str(tmp_path / "v-{1..2}.tar")), tokenizer, 0, 1)
+    loader = build_eval_loader(
+        _val_config(str(tmp_path / "v-{1..2}.tar")), tokenizer, rank=0, world_size=1
+    )
     with caplog.at_level(logging.WARNING):
         assert keys_of(collect(loader, seconds=20)) == ["after"]
     totals = loader.meter.totals()
@@ -232,19 +241,25 @@ def test_val_sets_that_cannot_be_evaluated_stop_at_start_up(
     _write_indexed(tmp_path, "v-1.tar", _tar(_pair("c") + _pair("d") + _pair("e")))
     pattern = str(tmp_path / "v-{0..1}.tar")
     # No manifest: the indexes count the pairs (a --test-2000 check needs the number).
-    assert build_eval_loader(_val_config(pattern), tokenizer, 0, 1).num_samples == 5
+    assert build_eval_loader(_val_config(pattern), tokenizer, rank=0, world_size=1).num_samples == 5
     _write_indexed(tmp_path, "v-1.tar", _tar(_pair("c") + _pair("a")))
     with pytest.raises(ValueError, match=r"sample key 'a' is in .*v-0\.tar and in .*v-1\.tar"):
-        build_eval_loader(_val_config(pattern), tokenizer, 0, 1)
+        build_eval_loader(_val_config(pattern), tokenizer, rank=0, world_size=1)
     with pytest.raises(ValueError, match=r"v-0\.tar twice: every val pair would be evaluated"):
-        build_eval_loader(_val_config(f"{tmp_path}/v-0.tar::{tmp_path}/v-0.tar"), tokenizer, 0, 1)
+        build_eval_loader(
+            _val_config(f"{tmp_path}/v-0.tar::{tmp_path}/v-0.tar"), tokenizer, rank=0, world_size=1
+        )
     with pytest.raises(ValueError, match=r"none of the 2 --val-data shards exists"):
-        build_eval_loader(_val_config(str(tmp_path / "w-{0..1}.tar")), tokenizer, 0, 1)
+        build_eval_loader(
+            _val_config(str(tmp_path / "w-{0..1}.tar")), tokenizer, rank=0, world_size=1
+        )
     missing = f"{s3_bucket}-missing/val/v-0.tar"
     with pytest.raises(
         ValueError, match=rf"none of the 2 --val-data shards exists \(first: {missing}"
     ):
-        build_eval_loader(_val_config(f"{s3_bucket}-missing/val/v-{{0..1}}.tar"), tokenizer, 0, 1)
+        build_eval_loader(
+            _val_config(f"{s3_bucket}-missing/val/v-{{0..1}}.tar"), tokenizer, rank=0, world_size=1
+        )
 
 
 def _entry(folder: Path, name: str, count: int) -> dict[str, Any]:

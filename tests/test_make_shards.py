@@ -21,15 +21,11 @@ import webdataset as wds
 from PIL import Image
 
 from pmc_clip import storage
-from pmc_clip.figures import FigureOptions
-from pmc_clip.sharding import (
-    ShardOptions,
-    make_key,
-    make_shards,
-    parse_split_fractions,
-    safe_relative_path,
-    write_sample,
-)
+from pmc_clip.sharding.figures import FigureOptions
+from pmc_clip.sharding.options import ShardOptions, parse_split_fractions
+from pmc_clip.sharding.plan import make_key, safe_relative_path
+from pmc_clip.sharding.run import make_shards
+from pmc_clip.sharding.writer import write_sample
 from pmc_clip.synthetic import SyntheticOptions, generate
 
 REPO = Path(__file__).resolve().parent.parent

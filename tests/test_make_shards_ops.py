@@ -22,8 +22,11 @@ import pytest
 from helpers_data import killed_process_owner, make_figures
 from PIL import Image
 
-from pmc_clip import output_lock, storage
-from pmc_clip.sharding import ShardOptions, main, make_shards
+from pmc_clip import storage
+from pmc_clip.sharding import lock as output_lock
+from pmc_clip.sharding.cli import main
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,7 +194,8 @@ def test_local_publishing_syncs_the_file_before_the_rename_and_the_folder_after(
 
 _HOLD_LOCK = """
 import sys, time
-from pmc_clip import output_lock, storage
+from pmc_clip import storage
+from pmc_clip.sharding import lock as output_lock
 fs, root = storage.url_to_fs(sys.argv[1])
 with output_lock.OutputLock(fs, root + "/_progress", sys.argv[1], storage.RetryPolicy()):
     print("held", flush=True)

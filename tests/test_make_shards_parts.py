@@ -12,8 +12,8 @@ import braceexpand
 import pytest
 from helpers_data import make_figures
 
-from pmc_clip import inspect_shards
-from pmc_clip.sharding import main
+from pmc_clip.sharding import inspect as inspect_shards
+from pmc_clip.sharding.cli import main
 
 NUM_PARTS = 3
 
@@ -213,7 +213,7 @@ def test_parts_write_straight_to_s3_and_merge_there(tmp_path: Path, s3_bucket: s
     merged pattern (sizes from the merged sizes.json)."""
     import fsspec
 
-    from pmc_clip.data import resolve_dataset
+    from pmc_clip.data.sources import resolve_dataset
 
     jsonl, images, _ = _input(tmp_path)
     local, remote = tmp_path / "local", f"{s3_bucket}/pmc-oa"

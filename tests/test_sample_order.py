@@ -1,4 +1,4 @@
-"""The epoch order on its own (pmc_clip/sample_order.py): numbers only, no shards read.
+"""The epoch order on its own (pmc_clip/data/sample_order.py): numbers only, no shards read.
 The loader tests (test_data.py, test_streaming_s3.py) check the same properties end to end
 on real shards."""
 
@@ -9,7 +9,7 @@ import collections
 import numpy as np
 import pytest
 
-from pmc_clip.sample_order import EpochOrder, OrderConfig, Run
+from pmc_clip.data.sample_order import EpochOrder, OrderConfig, Run
 
 # The 8-node ratio at small scale: 512 readers over ~132 shards is ~4 readers a shard and
 # a reader's share ~1/4 shard; here 5 shards of unequal sizes for up to 24 readers.
@@ -26,7 +26,9 @@ def order(epoch: int = 0, nodes: int = 2, span: int = 4, **kw: object) -> EpochO
         samples_per_epoch=int(kw.pop("samples_per_epoch", TOTAL)),  # type: ignore[call-overload]
     )
     weights = kw.pop("weights", np.ones(len(SHARD_SIZES)))
-    return EpochOrder(SHARD_SIZES, np.asarray(weights), config, epoch)
+    return EpochOrder(
+        shard_sizes=SHARD_SIZES, shard_weights=np.asarray(weights), config=config, epoch=epoch
+    )
 
 
 def samples_of(runs: list[Run]) -> list[tuple[int, int]]:
@@ -42,11 +44,13 @@ def play(
 ) -> tuple[list[tuple[int, int]], int]:
     """Every rank's batches from `consumed` on: (samples in order, samples consumed after)."""
     global_batch = world_size * batch_size
-    num_steps = epoch_order.num_steps(global_batch, consumed) if steps is None else steps
+    num_steps = epoch_order.num_steps(global_batch, consumed=consumed) if steps is None else steps
     seen = []
     for _step in range(num_steps):
         for rank in range(world_size):
-            runs = epoch_order.rank_runs(consumed, global_batch, rank, batch_size)
+            runs = epoch_order.rank_runs(
+                consumed=consumed, global_batch=global_batch, rank=rank, batch_size=batch_size
+            )
             assert sum(run.num_samples for run in runs) == batch_size
             seen += samples_of(runs)
         consumed += global_batch
@@ -107,7 +111,9 @@ def test_a_node_reads_the_same_shards_every_epoch() -> None:
         consumed = 0
         for _ in range(epoch_order.num_steps(16)):
             for rank in range(4):
-                runs = epoch_order.rank_runs(consumed, 16, rank, 4)
+                runs = epoch_order.rank_runs(
+                    consumed=consumed, global_batch=16, rank=rank, batch_size=4
+                )
                 node = rank // 2
                 assert {run.stream for run in runs} == {node}
                 shards = {run.shard for run in runs}
@@ -120,7 +126,7 @@ def test_a_node_reads_the_same_shards_every_epoch() -> None:
 
 def test_span_runs_are_contiguous_and_at_most_a_span_long() -> None:
     epoch_order = order(0, nodes=2, span=8)
-    runs = epoch_order.rank_runs(0, 64, 0, 32)
+    runs = epoch_order.rank_runs(consumed=0, global_batch=64, rank=0, batch_size=32)
     assert all(1 <= run.num_samples <= 8 for run in runs)
     assert len(runs) <= 32 // 8 + 1 + 2  # spans cut at shard ends add a few
     assert all(0 <= run.first < run.stop <= SHARD_SIZES[run.shard] for run in runs)
@@ -129,8 +135,12 @@ def test_span_runs_are_contiguous_and_at_most_a_span_long() -> None:
 def test_resampled_positions_are_uniform_within_shards_and_follow_the_weights() -> None:
     sizes_in_tens = np.array([40, 10, 70, 20, 30])  # deciles fall on whole samples
     weights = np.array([1.0, 1.0, 3.0, 1.0, 1.0])
-    config = OrderConfig(3, 2, 8, True, 400_000)
-    epoch_order = EpochOrder(sizes_in_tens, weights, config, epoch=0)
+    config = OrderConfig(
+        seed=3, num_canonical_nodes=2, span_samples=8, resampled=True, samples_per_epoch=400_000
+    )
+    epoch_order = EpochOrder(
+        shard_sizes=sizes_in_tens, shard_weights=weights, config=config, epoch=0
+    )
     deciles = np.zeros(10)
     per_shard = np.zeros(5)
     for stream in range(2):

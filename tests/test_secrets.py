@@ -20,7 +20,8 @@ import boto3
 import pytest
 import torch
 
-from pmc_clip import checkpoint, metrics, sharding, storage, train
+from pmc_clip import checkpoint, metrics, storage, train
+from pmc_clip.sharding import cli as make_shards_cli
 from pmc_clip.synthetic import SyntheticOptions, generate, write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,7 +191,7 @@ def test_make_shards_refuses_credentials_in_its_urls(
     argv = {"--input": str(tmp_path / "rows.jsonl"), "--images": str(tmp_path),
             "--output": f"{s3_bucket}/shards"}  # fmt: skip
     argv[flag] = f"s3://KEY:{secret}@{s3_bucket.removeprefix('s3://')}/data"
-    assert sharding.main([arg for pair in argv.items() for arg in pair]) == 2
+    assert make_shards_cli.main([arg for pair in argv.items() for arg in pair]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"make_shards: error: {flag} s3://pmc-clip-test/data: ")
     assert secret not in err and _bucket_keys(s3_bucket) == []

@@ -1,4 +1,4 @@
-"""The node-local shard cache (pmc_clip.shard_cache): one download per file per node
+"""The node-local shard cache (pmc_clip.data.shard_cache): one download per file per node
 across real processes, LRU eviction within the limit, failed and killed downloads leave
 nothing that looks complete, and credentials never reach a file name or an error."""
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pmc_clip.shard_cache import ShardCache, cache_name, check_cache_limit
+from pmc_clip.data.shard_cache import ShardCache, cache_name, check_cache_limit
 
 SIZE = 4096
 DEADLINE_SECONDS = 30
@@ -172,10 +172,10 @@ def test_least_recently_used_file_is_evicted(tmp_path: Path) -> None:
 
 
 def test_files_larger_than_the_limit_are_refused(tmp_path: Path) -> None:
-    check_cache_limit(None, 1 << 40)
-    check_cache_limit(SIZE, SIZE)
+    check_cache_limit(limit_bytes=None, largest_file_bytes=1 << 40)
+    check_cache_limit(limit_bytes=SIZE, largest_file_bytes=SIZE)
     with pytest.raises(ValueError, match=rf"smaller than one shard.*at least {SIZE + 1} bytes"):
-        check_cache_limit(SIZE, SIZE + 1)
+        check_cache_limit(limit_bytes=SIZE, largest_file_bytes=SIZE + 1)
     cache = ShardCache(str(tmp_path / "cache"), SIZE - 1)
     url = "s3://bucket/shard-0.tar"
     with pytest.raises(ValueError, match=rf"at least {SIZE} bytes"):
@@ -276,7 +276,7 @@ def test_a_killed_download_releases_its_reserved_room(tmp_path: Path) -> None:
 def test_credentials_stay_out_of_names_errors_and_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="pmc_clip.shard_cache")
+    caplog.set_level(logging.DEBUG, logger="pmc_clip.data.shard_cache")
     secrets = ["AKIDMARKER", "SECRETMARKER", "SIGMARKER", "TOKENMARKER"]
     url = (
         "s3://AKIDMARKER:SECRETMARKER@bucket/path/shard-000001.tar"

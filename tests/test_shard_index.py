@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -16,18 +17,24 @@ import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers_data import make_figures
 from PIL import Image
 
-from pmc_clip import index_shards, storage
-from pmc_clip.inspect_shards import verify_shard
+from pmc_clip import storage
 from pmc_clip.shard_index import (
     INDEX_FORMAT_VERSION,
     ShardIndex,
     build_index,
     index_url,
+    is_sample_member,
     read_index,
+    split_member_name,
 )
-from pmc_clip.sharding import ShardOptions, make_shards
+from pmc_clip.sharding import index as index_shards
+from pmc_clip.sharding.format import Manifest
+from pmc_clip.sharding.inspect import verify_shard
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 LONG_KEY = "PMC7_" + "a_very_long_figure_name" * 5  # > 100 characters: a PAX header
@@ -252,6 +259,53 @@ def _npz(index: ShardIndex, **overrides: Any) -> bytes:
     return buffer.getvalue()
 
 
+def test_member_rules_are_webdataset_s_own() -> None:
+    """shard_index restates two of webdataset's reading rules (importing webdataset
+    imports torch): which members go into samples and how a name splits into key and
+    extension. They agree with webdataset's on names that test every branch."""
+    import inspect
+
+    from webdataset import tariterators
+
+    names = [
+        "a.jpg", "PMC1_F1.v2.jpg", "dir/sub.x/key.tar.gz", "noext", "dir.x/noext", ".hidden",
+        "__key__", "__meta__.json", "dir/__meta__", "__a__/b.jpg", "x/__y__/z.txt", "a..b",
+        "a.", "ümlaut.png", "a/b/c.d.e",
+    ]  # fmt: skip
+    skip_meta = inspect.signature(tariterators.tar_file_iterator).parameters["skip_meta"].default
+    for name in names:
+        assert split_member_name(name) == tariterators.base_plus_ext(name), name
+        for kind in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            theirs = (
+                info.isreg()
+                and not (
+                    "/" not in name
+                    and name.startswith(tariterators.meta_prefix)
+                    and name.endswith(tariterators.meta_suffix)
+                )
+                and not re.match(skip_meta, name)
+            )
+            assert is_sample_member(info) == theirs, (name, kind)
+
+
+def test_make_shards_main_process_never_imports_torch(tmp_path: Path) -> None:
+    """Writing and indexing shards needs no torch (~2.5 s of CPU per run and per part)."""
+    jsonl, images = make_figures(tmp_path, 2)
+    code = (
+        "import sys\n"
+        "from pmc_clip.sharding.cli import main\n"
+        f"assert main(['--input', {jsonl!r}, '--images', {images!r}, '--output', "
+        f"{str(tmp_path / 'out')!r}, '--workers', '1']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_index_file_round_trip_and_clear_errors() -> None:
     data = _tar("a.jpg", "a.txt", "b.jpg")
     index = build_index(io.BytesIO(data), len(data))
@@ -335,7 +389,7 @@ def test_cli_and_inspect_shards_check_the_indexes(tmp_path: Path) -> None:
     assert "2 shards: 1 built, 1 kept, 0 failed" in result.stderr
 
     fs, root = storage.url_to_fs(str(out))
-    entries = {entry["name"]: entry for entry in manifest["shards"]}
+    entries = {entry.name: entry for entry in Manifest.from_json(manifest).shards}
     assert [verify_shard(fs, root, entry).problems for entry in entries.values()] == [[], []]
     first.with_suffix(".idx").write_bytes(second.with_suffix(".idx").read_bytes())
     problems = verify_shard(fs, root, entries[first.name]).problems

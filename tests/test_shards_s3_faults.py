@@ -15,7 +15,9 @@ import fsspec
 import pytest
 from conftest import FaultProxy, as_s3_endpoint
 
-from pmc_clip.sharding import ShardOptions, main, make_shards
+from pmc_clip.sharding.cli import main
+from pmc_clip.sharding.options import ShardOptions
+from pmc_clip.sharding.run import make_shards
 from pmc_clip.synthetic import SyntheticOptions, generate
 
 

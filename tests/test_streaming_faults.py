@@ -17,7 +17,7 @@ import pytest
 from helpers_data import IMAGE_SIZE, caption_tokenizer, collect, keys_of, make_figures, write_shards
 
 from pmc_clip.config import DataConfig
-from pmc_clip.data import build_eval_loader
+from pmc_clip.data.loaders import build_eval_loader
 from pmc_clip.tokenize import CaptionTokenizer
 
 TRUNCATED = "pmc-oa-train-000001.tar"
@@ -94,7 +94,7 @@ def test_truncated_and_missing_shards_are_skipped_counted_and_named(
         read_backoff_seconds=0.01,
         read_backoff_max_seconds=0.02,
     )
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader, seconds=60))
     intact = {k for name, ks in keys.items() if name not in (TRUNCATED, MISSING) for k in ks}
@@ -153,7 +153,7 @@ def _evaluate_in_process(
     caplog): (keys delivered, the loader's counters)."""
     pattern = str(local / manifest["splits"]["train"]["pattern"])
     cfg = DataConfig(val_data=pattern, val_batch_size=5, num_workers=0, image_size=IMAGE_SIZE)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader, seconds=60))
     return delivered, loader.meter.totals()

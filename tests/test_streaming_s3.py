@@ -13,7 +13,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import FaultProxy
 from helpers_data import (
     all_keys,
     caption_tokenizer,
@@ -23,9 +22,10 @@ from helpers_data import (
     make_figures,
     write_shards,
 )
+from helpers_s3 import FaultProxy
 
-from pmc_clip.data import build_eval_loader, build_train_loader
-from pmc_clip.storage import (
+from pmc_clip.data.loaders import build_eval_loader, build_train_loader
+from pmc_clip.data.shard_reader import (
     RangeReader,
     ShardFilesystems,
     ShardReadCounters,
@@ -62,7 +62,9 @@ def test_s3_epoch_over_two_ranks_is_exactly_the_dataset(
     cfg = data_config(pattern, read_chunk_bytes=16 * 1024)
     delivered: list[str] = []
     for rank in range(2):
-        loader = build_train_loader(cfg, tokenizer, rank, 2, seed=0)  # size from S3 manifest
+        loader = build_train_loader(
+            cfg, tokenizer, rank=rank, world_size=2, seed=0
+        )  # size from S3 manifest
         assert loader.num_samples == 64
         batches = collect(loader)
         assert len(batches) == len(loader) == 4
@@ -76,7 +78,9 @@ def test_s3_epoch_over_two_ranks_is_exactly_the_dataset(
         assert totals["shard_retries"] == totals["shard_shards_failed"] == 0
     assert len(delivered) == 64 and set(delivered) == keys
     # Streamed from object storage, runs default to 32 samples (one request each).
-    default = build_train_loader(data_config(pattern, span_samples=None), tokenizer, 0, 2, 0)
+    default = build_train_loader(
+        data_config(pattern, span_samples=None), tokenizer, rank=0, world_size=2, seed=0
+    )
     assert default.state_dict()["span_samples"] == 32
 
 
@@ -91,7 +95,7 @@ def test_s3_faults_are_retried_and_every_sample_arrives_once(
     fault_proxy.actions = ("503", "drop", "reset", "stall")
     fault_proxy.stall_seconds = 3.0
     cfg = data_config(pattern, read_chunk_bytes=16 * 1024, read_timeout_seconds=0.5)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     batches = collect(loader, seconds=90)
     assert len(batches) == len(loader) == 8
     delivered = keys_of(batches)
@@ -117,7 +121,7 @@ def test_the_next_s3_shard_is_opened_while_the_current_one_is_read(
     # One reader in this process, unshuffled: batch k holds shard k's 8 samples, and the
     # pipeline runs only when the next batch is asked for.
     cfg = data_config(None, val_data=pattern, num_workers=0, val_batch_size=8)
-    batches = iter(build_eval_loader(cfg, tokenizer, 0, 1))  # reads the manifest
+    batches = iter(build_eval_loader(cfg, tokenizer, rank=0, world_size=1))  # reads the manifest
     fault_proxy.requests.clear()  # make_shards' uploads and the manifest read
 
     def shards_requested() -> set[str]:
@@ -146,7 +150,7 @@ def test_s3_unreadable_shard_is_skipped_counted_and_redacted(
     fault_proxy.always_fail = ("pmc-oa-train-000003.tar",)
     # Workers in this process so the warnings reach caplog.
     cfg = data_config(None, val_data=pattern, num_workers=0, read_max_attempts=3)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING):
         delivered = keys_of(collect(loader))
     lost = set(keys) - set(delivered)
@@ -172,7 +176,7 @@ def test_s3_unreadable_shard_in_training_is_substituted_counted_and_named(
     pattern, keys = s3_shards(figures, s3_bucket)
     fault_proxy.always_fail = ("pmc-oa-train-000003.tar",)
     cfg = data_config(pattern, batch_size=16, num_workers=0, read_max_attempts=2)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     with caplog.at_level(logging.WARNING):
         batches = collect(loader)
     assert [len(batch["keys"]) for batch in batches] == [16] * 4
@@ -196,7 +200,7 @@ def test_a_stuck_read_stops_the_loader_after_the_data_timeout(
     pattern, _ = s3_shards(figures, s3_bucket)
     fault_proxy.fail_every, fault_proxy.actions, fault_proxy.stall_seconds = 1, ("stall",), 30
     cfg = data_config(pattern, num_workers=1, read_timeout_seconds=60, batch_timeout_seconds=2)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
         collect(loader, seconds=60)
@@ -209,10 +213,10 @@ def test_s3_cache_dir_downloads_each_shard_once(
     pattern, keys = s3_shards(figures, s3_bucket)
     cache = tmp_path / "cache"
     cfg = data_config(None, val_data=pattern, cache_dir=str(cache))
-    first = build_eval_loader(cfg, tokenizer, 0, 1)
+    first = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     assert set(keys_of(collect(first))) == keys
     assert len(list(cache.glob("[0-9a-f]*.tar"))) == 8
-    again = build_eval_loader(cfg, tokenizer, 0, 1)
+    again = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     assert set(keys_of(collect(again))) == keys
     totals = again.meter.totals()
     # Read from the cache: one size check per shard (a changed object is fetched again), no data.
@@ -232,7 +236,11 @@ def test_node_cache_holds_each_nodes_shards_so_epoch_two_reads_nothing_remote(
     pattern, keys = s3_shards(figures, s3_bucket)
     loaders = [
         build_train_loader(
-            data_config(pattern, cache_dir=str(tmp_path / f"node{rank}")), tokenizer, rank, 2, 0
+            data_config(pattern, cache_dir=str(tmp_path / f"node{rank}")),
+            tokenizer,
+            rank=rank,
+            world_size=2,
+            seed=0,
         )
         for rank in range(2)
     ]
@@ -271,7 +279,7 @@ def test_node_cache_limit_evicts_and_the_epochs_still_complete(
     limit = 3 * max(sizes)  # a node's share is 8 shards: 3 fit
     cache = tmp_path / "node0"
     cfg = data_config(pattern, cache_dir=str(cache), cache_limit_bytes=limit)
-    loader = build_train_loader(cfg, tokenizer, 0, 1, seed=0)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=0)
     fault_proxy.requests.clear()
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -284,7 +292,7 @@ def test_node_cache_limit_evicts_and_the_epochs_still_complete(
     with pytest.raises(ValueError, match="cache-limit-bytes"):
         build_train_loader(
             data_config(pattern, cache_dir=str(cache), cache_limit_bytes=max(sizes) - 1),
-            tokenizer, 0, 1, seed=0,
+            tokenizer, rank=0, world_size=1, seed=0,
         )  # fmt: skip
 
 
@@ -301,7 +309,7 @@ def test_http_urls_stream_through_fsspec(
     # moto serves public objects over plain HTTP too (path style): any fsspec URL works.
     http_pattern = pattern.replace("s3://", f"{s3_endpoint}/")
     cfg = data_config(None, val_data=http_pattern, read_chunk_bytes=16 * 1024)
-    loader = build_eval_loader(cfg, tokenizer, 0, 1)
+    loader = build_eval_loader(cfg, tokenizer, rank=0, world_size=1)
     assert set(keys_of(collect(loader))) == keys
     assert loader.meter.totals()["shard_requests"] > 8
 

@@ -29,7 +29,7 @@ from helpers_train import (
 
 from pmc_clip import checkpoint, distributed
 from pmc_clip.config import parse_run_config
-from pmc_clip.evaluate import Embeddings, macro_auc, retrieval_metrics, select_test_2000
+from pmc_clip.evaluator import Embeddings, macro_auc, retrieval_metrics, select_test_2000
 from pmc_clip.optim import lr_at_step
 
 
@@ -220,7 +220,9 @@ def test_corrupt_or_partial_checkpoints_are_detected_and_latest_stays_good(
 ) -> None:
     directory = str(tmp_path / "ckpt")
     for step in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(directory, f"step_{step}.pt", _state(step), keep_last=2)
+        checkpoint.save_checkpoint(
+            directory, name=f"step_{step}.pt", state=_state(step), keep_last=2
+        )
     assert sorted(p.name for p in Path(directory).glob("*.pt")) == ["step_3.pt", "step_4.pt"]
     assert checkpoint.resolve_latest(directory) == f"{directory}/step_4.pt"
 
@@ -231,7 +233,7 @@ def test_corrupt_or_partial_checkpoints_are_detected_and_latest_stays_good(
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match=r"step_5.pt: .*No space left.*previous checkpoint"):
-        checkpoint.save_checkpoint(directory, "step_5.pt", _state(5), keep_last=2)
+        checkpoint.save_checkpoint(directory, name="step_5.pt", state=_state(5), keep_last=2)
     monkeypatch.undo()
     assert checkpoint.resolve_latest(directory) == f"{directory}/step_4.pt"
     assert sorted(os.listdir(directory)) == sorted(
@@ -255,7 +257,7 @@ def test_corrupt_or_partial_checkpoints_are_detected_and_latest_stays_good(
 def test_checkpoints_round_trip_through_s3(s3_bucket: str) -> None:
     directory = f"{s3_bucket}/run/checkpoints"
     assert checkpoint.resolve_latest(directory) is None
-    url = checkpoint.save_checkpoint(directory, "step_7.pt", _state(7), keep_last=1)
+    url = checkpoint.save_checkpoint(directory, name="step_7.pt", state=_state(7), keep_last=1)
     assert checkpoint.resolve_latest(directory) == url
     loaded = checkpoint.load_checkpoint(url)
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.full((3,), 7.0))
@@ -270,13 +272,13 @@ def test_retrieval_recall_on_a_hand_built_case() -> None:
     # text->image: text2 scores image1 (1.0) above its partner image2 (0.0), and image0
     # ties at 0.0 but comes first: rank 2. Others rank 0.
     for chunk in (1, 3, 4):
-        metrics = retrieval_metrics(image, text, chunk_size=chunk)
+        metrics = retrieval_metrics(image=image, text=text, chunk_size=chunk)
         assert metrics["image_to_text_R@1"] == 75.0 and metrics["image_to_text_R@5"] == 100.0
         assert metrics["text_to_image_R@1"] == 75.0 and metrics["text_to_image_R@10"] == 100.0
         assert metrics["mean_recall"] == pytest.approx(550 / 6)
         assert metrics["num_pairs"] == 4
     # Ten identical captions: a tie never counts in the query's favour.
-    same = retrieval_metrics(torch.eye(10), torch.ones(10, 10) / 10**0.5, chunk_size=4)
+    same = retrieval_metrics(image=torch.eye(10), text=torch.ones(10, 10) / 10**0.5, chunk_size=4)
     assert same["image_to_text_R@1"] == 10.0 and same["image_to_text_R@5"] == 50.0
 
 
@@ -367,7 +369,7 @@ def test_zero_shot_classification_on_a_hand_built_case(
     colour word the prompt holds: every image is classified by its colour."""
     from PIL import Image
 
-    from pmc_clip.evaluate import zero_shot_classification
+    from pmc_clip.evaluator import zero_shot_classification
     from pmc_clip.model import create_model
     from pmc_clip.tokenize import CaptionTokenizer, load_tokenizer
 
@@ -389,7 +391,9 @@ def test_zero_shot_classification_on_a_hand_built_case(
 
     model.encode_text = encode_text  # type: ignore[method-assign]
     model.encode_image = encode_image  # type: ignore[method-assign]
-    results = zero_shot_classification(model, tokenizer, str(tmp_path), torch.device("cpu"), "fp32")
+    results = zero_shot_classification(
+        model, tokenizer, root=str(tmp_path), device=torch.device("cpu"), precision="fp32"
+    )
     assert results["num_classes"] == 3 and results["num_images"] == 7
     assert results["accuracy"] == pytest.approx(100 * 6 / 7)
     # For "blue", the mislabelled red image scores like the red negatives: AUC below 100.

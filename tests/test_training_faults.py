@@ -25,9 +25,11 @@ from helpers_train import (
     train_command,
 )
 
-from pmc_clip import checkpoint, evaluate
+from pmc_clip import checkpoint, entry, evaluate
+from pmc_clip.checkpointer import TrainingStopped
 from pmc_clip.config import parse_run_config
-from pmc_clip.trainer import EXIT_CODE_INTERRUPTED, Trainer, TrainingStopped
+from pmc_clip.entry import EXIT_CODE_INTERRUPTED
+from pmc_clip.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +180,13 @@ def _instrument(trainer: Trainer, nan_steps: set[int]) -> dict[int, float]:
 
     def loss_fn(outputs: dict[str, torch.Tensor], mlm_labels: Any) -> dict[str, torch.Tensor]:
         losses = real_loss(outputs, mlm_labels)
-        if trainer.step + 1 in nan_steps:  # the step being computed
+        if trainer.progress.step + 1 in nan_steps:  # the step being computed
             return {name: value * float("nan") for name, value in losses.items()}
         return losses
 
     def step(group: list[dict[str, Any]]) -> Any:
         result = real_step(group)
-        checksums[trainer.step] = _checksum(trainer)
+        checksums[trainer.progress.step] = _checksum(trainer)
         return result
 
     trainer.loss_fn = loss_fn  # type: ignore[assignment]
@@ -215,7 +217,8 @@ def test_too_many_nan_steps_stop_with_the_last_good_weights(
     with pytest.raises(TrainingStopped) as stopped:
         trainer.fit()
     assert "3 non-finite steps in a row at step 7: stopping" in str(stopped.value)
-    assert trainer.stop_reason(stopped.value) == str(stopped.value)  # cli: logged, exit 1
+    # cli: logged, exit 1
+    assert entry.stop_reason(stopped.value, rank=0, world_size=1) == str(stopped.value)
     latest = checkpoint.resolve_latest(str(tmp_path / "nan-stop" / "checkpoints"))
     assert latest is not None and latest.endswith("step_7.pt")
     saved = checkpoint.load_checkpoint(latest)
@@ -252,7 +255,7 @@ def io_size(trainer: Trainer) -> int:
     import io
 
     buffer = io.BytesIO()
-    torch.save(trainer._state_dict(trainer._gather_rng_states()), buffer)
+    torch.save(trainer.checkpointer.state_dict(), buffer)
     return buffer.tell()
 
 

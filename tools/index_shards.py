@@ -3,7 +3,7 @@
 
     python tools/index_shards.py 's3://bucket/pmc-oa-train-{000000..000131}.tar' --workers 16
 
-See `--help` and pmc_clip/index_shards.py.
+See `--help` and pmc_clip/sharding/index.py.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pmc_clip.index_shards import main
+from pmc_clip.sharding.index import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
     python tools/inspect_shards.py shards/ --samples 3
 
-See `--help` and pmc_clip/inspect_shards.py.
+See `--help` and pmc_clip/sharding/inspect.py.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pmc_clip.inspect_shards import main
+from pmc_clip.sharding.inspect import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@
     python tools/make_shards.py --input pmc_oa.jsonl --images images.zip --output shards/ \
         --shuffle --seed 0 --workers 16
 
-See `--help` and pmc_clip/sharding.py for the stages, the resume rules and the outputs.
+See `--help` and pmc_clip/sharding/ (its `__init__` lists the modules).
 """
 
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pmc_clip.sharding import main
+from pmc_clip.sharding.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

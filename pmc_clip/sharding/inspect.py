@@ -37,8 +37,11 @@ import numpy as np
 
 from pmc_clip import metrics, shard_index, storage
 from pmc_clip.config import DataConfig
-from pmc_clip.data import SampleProcessor, group_samples
+from pmc_clip.data.decode import SampleProcessor
+from pmc_clip.data.eval_stages import group_samples
+from pmc_clip.model.config import ModelConfig
 from pmc_clip.shard_index import TarMember
+from pmc_clip.sharding.format import MANIFEST_FILE, ShardEntry, read_shard_entries
 
 _MAX_CAPTION_CHARS_SHOWN = 160
 
@@ -61,18 +64,19 @@ def member_problem(name: str) -> str | None:
 def verify_shard(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    entry: dict[str, Any],
+    entry: ShardEntry,
     max_member_bytes: int = DataConfig.max_member_bytes,
     shard_of_key: dict[str, str] | None = None,
 ) -> ShardReport:
     """Everything wrong with one shard of the manifest. `shard_of_key` (key -> shard
     name) collects the keys of the shards verified so far, to find a key in two."""
-    name = entry["name"]
+    name = entry.name
     shard_of_key = {} if shard_of_key is None else shard_of_key
     problems: list[str] = []
     digest = hashlib.sha256()
     path = storage.join(root, name)
-    check = SampleProcessor(DataConfig.image_size, None)
+    # Any input size runs the loader's decode and crop: the default model's.
+    check = SampleProcessor(ModelConfig.image_size, None)
     num_samples = 0
 
     def named_members(members: Iterable[TarMember]) -> Iterator[TarMember]:
@@ -107,12 +111,12 @@ def verify_shard(
     except (tarfile.TarError, ValueError) as e:
         problems.append(f"unreadable after {num_samples} samples: {e}")
         return ShardReport(name, problems, num_samples)
-    if hashing.num_bytes != entry["bytes"]:
-        problems.append(f"{hashing.num_bytes} bytes, manifest says {entry['bytes']}")
-    if digest.hexdigest() != entry["sha256"]:
+    if hashing.num_bytes != entry.bytes:
+        problems.append(f"{hashing.num_bytes} bytes, manifest says {entry.bytes}")
+    if digest.hexdigest() != entry.sha256:
         problems.append("sha256 differs from the manifest")
-    if num_samples != entry["count"]:
-        problems.append(f"{num_samples} samples, manifest says {entry['count']}")
+    if num_samples != entry.count:
+        problems.append(f"{num_samples} samples, manifest says {entry.count}")
     index_problem = verify_index(fs, path, hashing.num_bytes)
     if index_problem:
         problems.append(index_problem)
@@ -176,9 +180,14 @@ class _HashingReader:
 
 
 def show_samples(
-    fs: fsspec.AbstractFileSystem, root: str, names: list[str], num_samples: int,
-    extract_dir: str | None, max_member_bytes: int,
-) -> None:  # fmt: skip
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    names: list[str],
+    *,
+    num_samples: int,
+    extract_dir: str | None,
+    max_member_bytes: int,
+) -> None:
     """Print (and extract) the first samples, as the loader reads them (members over the
     size limit and members it drops are not read)."""
     shown: list[dict[str, Any]] = []
@@ -239,11 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fs, root = storage.url_to_fs(args.shards)
     where = storage.redact_url(args.shards)
     try:
-        manifest = json.loads(storage.read_bytes(fs, storage.join(root, "manifest.json")))
+        entries = read_shard_entries(fs, root)
     except FileNotFoundError:
-        print(f"inspect_shards: error: no manifest.json in {where}", file=sys.stderr)
+        print(f"inspect_shards: error: no {MANIFEST_FILE} in {where}", file=sys.stderr)
         return 2
-    entries = manifest["shards"]
     num_bad = 0
     if not args.no_verify:
         shard_of_key: dict[str, str] = {}
@@ -254,8 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for problem in report.problems:
                     print(f"BAD {report.name}: {problem}")
         print(f"verified {len(entries)} shards: {len(entries) - num_bad} ok, {num_bad} bad")
-    names = [e["name"] for e in entries]
-    show_samples(fs, root, names, args.samples, args.extract, args.max_member_bytes)
+    names = [e.name for e in entries]
+    show_samples(
+        fs,
+        root,
+        names,
+        num_samples=args.samples,
+        extract_dir=args.extract,
+        max_member_bytes=args.max_member_bytes,
+    )
     return 1 if num_bad else 0
 
 

@@ -108,7 +108,7 @@ def cache_name(url: str) -> str:
     return f"{digest}-{base}"
 
 
-def check_cache_limit(limit_bytes: int | None, largest_file_bytes: int) -> None:
+def check_cache_limit(*, limit_bytes: int | None, largest_file_bytes: int) -> None:
     """Refuse a cache limit that cannot hold the largest file (call it at start-up with the
     largest shard, or index file, size): every open of that file would fail."""
     if limit_bytes is not None and largest_file_bytes > limit_bytes:
@@ -159,7 +159,7 @@ class ShardCache:
         wrong size raises OSError."""
         if size_bytes < 0:
             raise ValueError(f"{redact_url(url)}: size must be >= 0 bytes, got {size_bytes}")
-        check_cache_limit(self.limit_bytes, size_bytes)
+        check_cache_limit(limit_bytes=self.limit_bytes, largest_file_bytes=size_bytes)
         name = cache_name(url)
         path = os.path.join(self.cache_dir, name)
         # Fast path without locks: a copy that vanishes (evicted) between the check and the

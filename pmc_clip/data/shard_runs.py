@@ -34,7 +34,8 @@ from typing import IO, Any
 import fsspec
 
 from pmc_clip import shard_index, storage
-from pmc_clip.sample_order import Run
+from pmc_clip.data import shard_reader
+from pmc_clip.data.sample_order import Run
 from pmc_clip.shard_index import INDEX_TOOL
 
 RUNS_READ_AHEAD = 2  # remote runs fetched ahead of the one being decoded (memory: ~2 runs)
@@ -60,7 +61,7 @@ class RunResult:
 
     run: Run
     samples: list[dict[str, Any]]
-    error: storage.ShardReadError | None = None
+    error: shard_reader.ShardReadError | None = None
 
 
 class RunReader:
@@ -74,8 +75,8 @@ class RunReader:
         self,
         urls: tuple[str, ...],
         num_samples: tuple[int, ...],
-        filesystems: storage.ShardFilesystems,
-        counters: storage.ShardReadCounters,
+        filesystems: shard_reader.ShardFilesystems,
+        counters: shard_reader.ShardReadCounters,
         extensions: frozenset[str],
         max_member_bytes: int,
     ) -> None:
@@ -113,7 +114,7 @@ class RunReader:
         if storage.is_local(fs):
             with open(path, "rb") as file:
                 return file.read()
-        return storage.retrying_read(
+        return shard_reader.retrying_read(
             "read", url, self.options, self.counters, lambda: bytes(fs.cat_file(path))
         )
 
@@ -128,7 +129,7 @@ class RunReader:
         fs = self.filesystems.get(protocol or "file")
         return fs, fs._strip_protocol(url)
 
-    def read_bytes(self, shard: int, start: int, end: int) -> bytes:
+    def read_bytes(self, shard: int, *, start: int, end: int) -> bytes:
         """Bytes [start, end) of the shard: a seek on a local or cached file, else range
         requests of at most `chunk_bytes`."""
         url = self.urls[shard]
@@ -137,17 +138,17 @@ class RunReader:
                 file = self._open(shard)
                 file.seek(start)
                 data = file.read(end - start)
-            except storage.ShardReadError:
+            except shard_reader.ShardReadError:
                 raise
             except OSError as exc:
-                raise storage.ShardReadError(
+                raise shard_reader.ShardReadError(
                     f"read {storage.redact_url(url)}: {storage.describe_error(exc, url)}"
                 ) from None
         else:
             fs, path = self._fs(url)
             chunk = self.options.chunk_bytes
             data = b"".join(
-                storage.read_range(
+                shard_reader.read_range(
                     fs, path, url, low, min(low + chunk, end), self.options, self.counters
                 )
                 for low in range(start, end, chunk)
@@ -167,7 +168,7 @@ class RunReader:
             try:
                 file, num_bytes = storage.open_regular_file(path)  # kept open, closed on eviction
             except storage.NotARegularFileError:
-                raise storage.ShardReadError(
+                raise shard_reader.ShardReadError(
                     f"read {storage.redact_url(url)}: not a regular file"
                 ) from None
             if num_bytes != size:
@@ -178,7 +179,7 @@ class RunReader:
             # an eviction, and 64 readers a node holding many would overrun the limit.
             for cached in [s for s in self._files if not self._local[s]]:
                 self._files.pop(cached).close()
-            file = storage.open_cached(url, size, self.filesystems, self.counters)
+            file = shard_reader.open_cached(url, size, self.filesystems, self.counters)
         self._files[shard] = file
         if len(self._files) > OPEN_FILES:
             self._files.popitem(last=False)[1].close()
@@ -218,7 +219,7 @@ class RunReader:
             if keep
         ]
         pieces = [
-            (start, self.read_bytes(run.shard, start, end))
+            (start, self.read_bytes(run.shard, start=start, end=end))
             for start, end in coalesce(spans, GAP_READ_MAX_BYTES)
         ]
         samples = []
@@ -230,13 +231,15 @@ class RunReader:
                 if extension not in self.extensions:
                     continue
                 if not wanted[m]:
-                    reason = oversized_member(extension, size, self.max_member_bytes)
+                    reason = oversized_member(
+                        extension, size=size, max_member_bytes=self.max_member_bytes
+                    )
                     sample.setdefault(SKIPPED_KEY, []).append(reason)
                     continue
                 while offset + size > pieces[piece][0] + len(pieces[piece][1]):
                     piece += 1  # members come in offset order, and so do the pieces
                 start, data = pieces[piece]
-                _check_header(data, offset - start, size, url, key)
+                _check_header(data, offset=offset - start, size=size, url=url, key=key)
                 sample[extension] = data[offset - start : offset - start + size]
             samples.append(sample)
         return samples
@@ -268,7 +271,7 @@ class RunReader:
                 run, future = pending.popleft()
                 try:
                     samples = self.samples(run) if future is None else future.result()
-                except storage.ShardReadError as exc:
+                except shard_reader.ShardReadError as exc:
                     self.counters.shards_failed += 1
                     yield RunResult(run, [], exc)
                 else:
@@ -293,7 +296,7 @@ def coalesce(spans: list[tuple[int, int]], max_gap: int) -> list[tuple[int, int]
     return reads
 
 
-def oversized_member(extension: str, size: int, max_member_bytes: int) -> str:
+def oversized_member(extension: str, *, size: int, max_member_bytes: int) -> str:
     """Why a kept member was not read (SKIPPED_KEY)."""
     return (
         f"its .{extension} member is {size} bytes, over the limit of {max_member_bytes} "
@@ -301,7 +304,7 @@ def oversized_member(extension: str, size: int, max_member_bytes: int) -> str:
     )
 
 
-def _check_header(data: bytes, offset: int, size: int, url: str, key: str) -> None:
+def _check_header(data: bytes, *, offset: int, size: int, url: str, key: str) -> None:
     """The ustar header right before a member's data (PAX and GNU long-name records come
     before it) must parse with a valid checksum and give the member's size."""
     header = data[offset - tarfile.BLOCKSIZE : offset]

@@ -24,9 +24,8 @@ import fsspec
 from tqdm import tqdm
 
 from pmc_clip import metrics, shard_index, storage
+from pmc_clip.sharding.store import STORE_TIMEOUT_SECONDS
 
-# Connect/read timeout of one object-store request (a stall becomes a retry).
-_STORE_TIMEOUT_SECONDS = 120.0
 # s3fs fetches this much per request while tarfile reads the shard sequentially.
 _READ_BLOCK_BYTES = 16 * 1024 * 1024
 
@@ -67,14 +66,14 @@ def index_shard(
     return "built"
 
 
-def index_shards(urls: list[str], workers: int, force: bool, retry: storage.RetryPolicy) -> int:
+def index_shards(urls: list[str], *, workers: int, force: bool, retry: storage.RetryPolicy) -> int:
     """Index every shard, `workers` at a time; print failures and a summary to stderr.
     Returns the exit code: 1 if any shard failed."""
     filesystems: dict[str | None, fsspec.AbstractFileSystem] = {}
     for url in urls:  # one client per protocol, shared by the threads
         protocol = fsspec.core.split_protocol(url)[0]
         if protocol not in filesystems:
-            filesystems[protocol] = storage.url_to_fs_for_retries(url, _STORE_TIMEOUT_SECONDS)[0]
+            filesystems[protocol] = storage.url_to_fs_for_retries(url, STORE_TIMEOUT_SECONDS)[0]
     counts: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
     with (
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"index_shards: error: {e}", file=sys.stderr)
         return 2
-    return index_shards(urls, args.workers, args.force, retry)
+    return index_shards(urls, workers=args.workers, force=args.force, retry=retry)
 
 
 if __name__ == "__main__":

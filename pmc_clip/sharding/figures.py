@@ -1,6 +1,8 @@
 """Reading and checking one figure for a shard: runs in make_shards' worker processes.
 
-What happens to an image (every figure is fully decoded once, here):
+What happens to an image (every figure is decoded once, here, all of its data: a JPEG that
+will be shrunk by --resize-max-side is decoded DCT-scaled, libjpeg's draft mode, which
+still reads its whole entropy-coded stream, so truncation is caught as in a full decode):
   * JPEG and PNG are stored byte-for-byte, whatever their mode (greyscale, palette, CMYK
     JPEG, 16-bit-per-channel RGB, an alpha channel that is fully opaque): the training
     decode (`convert("RGB")`) reads them as they look. `original_mode` in the sample's
@@ -55,6 +57,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from pmc_clip import storage
+from pmc_clip.config import DataConfig
+from pmc_clip.flags import option
 
 # Formats stored byte-for-byte when no resize is asked for; anything else is re-encoded.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -65,6 +69,8 @@ _JPEG_MODES = {"L", "RGB", "CMYK"}
 _WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 # EXIF Orientation values that move pixels (1 is "as stored"; others are not defined).
 _MOVING_ORIENTATIONS = range(2, 9)
+# Those of them that swap width and height (transpose, rotate by 90 or 270 degrees...).
+_TRANSPOSING_ORIENTATIONS = range(5, 9)
 # How one figure's read can fail besides a missing file: the OS (EACCES, EIO, ENAMETOOLONG,
 # ELOOP...), or a zip member's data (bad CRC or local header, broken deflate stream,
 # compressed data ending early, a compression method zipfile lacks).
@@ -75,10 +81,31 @@ _ZIP_ENCRYPTED_FLAG = 0x1
 
 @dataclass(frozen=True)
 class FigureOptions:
-    resize_max_side: int | None = None
-    jpeg_quality: int = 90
-    max_image_pixels: int = 89_478_485  # PIL's own default bomb threshold
-    max_image_bytes: int = 64 * 1024 * 1024
+    resize_max_side: int | None = option(
+        None,
+        "--resize-max-side",
+        "re-encode figures whose longer side is over this, to this (none: keep every size)",
+        unit="pixels",
+        type=int,
+    )
+    jpeg_quality: int = option(
+        90, "--jpeg-quality", "quality of re-encoded JPEGs, 1-95", unit="PIL quality", type=int
+    )
+    max_image_pixels: int = option(
+        89_478_485,  # PIL's own default bomb threshold
+        "--max-image-pixels",
+        "a larger figure is a decompression_bomb, refused before decoding",
+        unit="pixels",
+        type=int,
+    )
+    # The loader's member limit: a figure make_shards keeps, the loader reads.
+    max_image_bytes: int = option(
+        DataConfig.max_member_bytes,
+        "--max-image-bytes",
+        "a larger figure file is image_too_large, refused before reading",
+        unit="bytes",
+        type=int,
+    )
 
 
 @dataclass(frozen=True)
@@ -196,8 +223,14 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x the limit; we treat both as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The bomb check runs here, on the full size, before any pixel is decoded.
             image: Image.Image = Image.open(io.BytesIO(data))
-            image.load()  # decodes every pixel: a truncated file fails here, not in training
+            stored_size = image.size
+            _draft_for_resize(image, options.resize_max_side)
+            # Decodes every pixel (in draft mode too: the whole entropy-coded stream is
+            # read, only the inverse DCT is scaled): a truncated file fails here, not in
+            # training.
+            image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return FigureError("decompression_bomb", str(e))
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
@@ -205,29 +238,27 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
     fmt = image.format or "unknown"
     mode = image.mode
     conversions: list[str] = []
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    # The full size as shown, whatever size a draft decoded.
+    width, height = stored_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else stored_size
     # Before anything that depends on the geometry (resizing): the stored figure is the
     # one shown, and a re-encode writes no tag (PIL saves EXIF only when asked to).
-    if image.getexif().get(ExifTags.Base.Orientation) in _MOVING_ORIENTATIONS:
+    if orientation in _MOVING_ORIENTATIONS:
         image = ImageOps.exif_transpose(image)
         conversions.append("exif_orientation")
-    width, height = image.size
     image, mode_conversion = _normalise_mode(image)
     if mode_conversion is not None:
         conversions.append(mode_conversion)
     conversion = "+".join(conversions) or None
-    max_side = options.resize_max_side
-    needs_resize = max_side is not None and max(width, height) > max_side
-    if fmt in KEPT_FORMATS and not needs_resize and conversion is None:
+    new_size = _resized_size((width, height), options.resize_max_side)
+    if fmt in KEPT_FORMATS and new_size is None and conversion is None:
         return Figure(KEPT_FORMATS[fmt], data, width, height, width, height, fmt, False, mode)
-    if needs_resize:
-        assert max_side is not None
-        scale = max_side / max(width, height)
-        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new_size is not None:
         image = image.resize(new_size, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     # Lossless PNG, except for a JPEG being resized anyway: its pixels change regardless,
     # and a JPEG of them stays the size a JPEG was.
-    if fmt == "JPEG" and needs_resize:
+    if fmt == "JPEG" and new_size is not None:
         if image.mode not in _JPEG_MODES:
             image = image.convert("RGB")
         image.save(out, format="JPEG", quality=options.jpeg_quality)
@@ -239,6 +270,30 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
         image.save(out, format="PNG")
         ext = "png"
     return Figure(ext, out.getvalue(), *image.size, width, height, fmt, True, mode, conversion)
+
+
+def _resized_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int] | None:
+    """The size a figure shown at `size` is resized to, or None when it is kept."""
+    width, height = size
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _draft_for_resize(image: Image.Image, max_side: int | None) -> None:
+    """A JPEG that will be shrunk is decoded DCT-scaled (1/2, 1/4 or 1/8, libjpeg's
+    draft mode) to the smallest size still at least its resize target: most of a large
+    figure's decode time is the inverse DCT and colour conversion of pixels the resize
+    would throw away. Called before `load()`; other formats decode in full."""
+    if image.format != "JPEG":
+        return
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    transposed = orientation in _TRANSPOSING_ORIENTATIONS
+    target = _resized_size(image.size[::-1] if transposed else image.size, max_side)
+    if target is not None:
+        # The target as shown, requested in the frame the pixels are stored in.
+        image.draft(image.mode, target[::-1] if transposed else target)
 
 
 def _normalise_mode(image: Image.Image) -> tuple[Image.Image, str | None]:

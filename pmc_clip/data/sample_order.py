@@ -42,7 +42,7 @@ import numpy as np
 _PLACEMENT, _SPAN_SHUFFLE, _RESAMPLE = 0x504C, 0x5350, 0x5253
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OrderConfig:
     """The shuffle's own parameters: with the epoch they fix the order of every sample."""
 
@@ -57,7 +57,7 @@ class OrderConfig:
         assert self.samples_per_epoch >= 0, self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Run:
     """Samples [first, stop) of shard `shard`, at positions [position, position + stop -
     first) of canonical stream `stream` (the position seeds the sample's crop and mask)."""
@@ -73,7 +73,7 @@ class Run:
         return self.stop - self.first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Segment:
     """Positions [start, stop) of canonical stream `stream`."""
 
@@ -83,7 +83,7 @@ class Segment:
 
 
 def rank_segments(
-    consumed: int, global_batch: int, rank: int, batch_size: int, num_canonical_nodes: int
+    *, consumed: int, global_batch: int, rank: int, batch_size: int, num_canonical_nodes: int
 ) -> list[Segment]:
     """The stream positions of rank `rank`'s batch in the step that starts after `consumed`
     samples of the epoch.
@@ -102,7 +102,7 @@ def rank_segments(
     for stream in range(low // per_stream, (high - 1) // per_stream + 1):
         start = max(low, stream * per_stream) - stream * per_stream
         stop = min(high, (stream + 1) * per_stream) - stream * per_stream
-        segments.append(Segment(stream, base + start, base + stop))
+        segments.append(Segment(stream=stream, start=base + start, stop=base + stop))
     return segments
 
 
@@ -116,7 +116,12 @@ class Placement:
     the streams (a shard cut between two streams included)."""
 
     def __init__(
-        self, shard_sizes: np.ndarray, shard_mass: np.ndarray, seed: int, num_canonical_nodes: int
+        self,
+        *,
+        shard_sizes: np.ndarray,
+        shard_mass: np.ndarray,
+        seed: int,
+        num_canonical_nodes: int,
     ) -> None:
         sizes = np.asarray(shard_sizes, dtype=np.int64)
         order = np.random.default_rng([seed, _PLACEMENT]).permutation(len(sizes))
@@ -149,7 +154,7 @@ class StreamOrder:
     Memory: 20 bytes a run, in every data-loader worker that reads the stream (with
     one-sample spans, PMC-OA's 1.3M samples on 8 nodes: 3.3 MB a worker; 24M: 60 MB)."""
 
-    def __init__(self, shard: np.ndarray, first: np.ndarray, length: np.ndarray) -> None:
+    def __init__(self, *, shard: np.ndarray, first: np.ndarray, length: np.ndarray) -> None:
         # int32: shard numbers, sample numbers within a shard and run lengths are small.
         self.shard = shard.astype(np.int32)
         self.first = first.astype(np.int32)
@@ -160,7 +165,7 @@ class StreamOrder:
     def num_positions(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def runs(self, stream: int, start: int, stop: int) -> list[Run]:
+    def runs(self, *, stream: int, start: int, stop: int) -> list[Run]:
         """The samples at positions [start, stop) as runs (each within one span)."""
         assert 0 <= start <= stop <= self.num_positions, (start, stop, self.num_positions)
         out = []
@@ -171,14 +176,22 @@ class StreamOrder:
             offset = position - run_start
             take = min(stop, int(self.ends[i])) - position
             first = int(self.first[i]) + offset
-            out.append(Run(int(self.shard[i]), first, first + take, stream, position))
+            out.append(
+                Run(
+                    shard=int(self.shard[i]),
+                    first=first,
+                    stop=first + take,
+                    stream=stream,
+                    position=position,
+                )
+            )
             position += take
             i += 1
         return out
 
 
 def span_order(
-    pieces: np.ndarray, span_samples: int, seed: int, epoch: int, stream: int
+    pieces: np.ndarray, *, span_samples: int, seed: int, epoch: int, stream: int
 ) -> StreamOrder:
     """Every sample of the stream once: its pieces cut into spans, the spans permuted."""
     lengths = pieces[:, 2] - pieces[:, 1]
@@ -194,11 +207,14 @@ def span_order(
     permutation = np.random.default_rng([seed, _SPAN_SHUFFLE, epoch, stream]).permutation(
         len(first)
     )
-    return StreamOrder(shard[permutation], first[permutation], length[permutation])
+    return StreamOrder(
+        shard=shard[permutation], first=first[permutation], length=length[permutation]
+    )
 
 
 def resampled_order(
     pieces: np.ndarray,
+    *,
     weights: np.ndarray,
     span_samples: int,
     num_positions: int,
@@ -233,7 +249,9 @@ def resampled_order(
         firsts.append(first[keep])
         counts.append(count[keep])
         drawn += int(size.sum())
-    order = StreamOrder(np.concatenate(shards), np.concatenate(firsts), np.concatenate(counts))
+    order = StreamOrder(
+        shard=np.concatenate(shards), first=np.concatenate(firsts), length=np.concatenate(counts)
+    )
     return order
 
 
@@ -242,16 +260,21 @@ class EpochOrder:
     rank reads one or two streams)."""
 
     def __init__(
-        self, shard_sizes: np.ndarray, shard_weights: np.ndarray, config: OrderConfig, epoch: int
+        self,
+        *,
+        shard_sizes: np.ndarray,
+        shard_weights: np.ndarray,
+        config: OrderConfig,
+        epoch: int,
     ) -> None:
         self.config, self.epoch = config, epoch
         self.weights = np.asarray(shard_weights, dtype=np.float64)
         mass = self.weights if config.resampled else np.ones(len(self.weights))
         self.placement = _placement(
-            tuple(int(n) for n in shard_sizes),
-            tuple(float(m) for m in mass),
-            config.seed,
-            config.num_canonical_nodes,
+            shard_sizes=tuple(int(n) for n in shard_sizes),
+            shard_mass=tuple(float(m) for m in mass),
+            seed=config.seed,
+            num_canonical_nodes=config.num_canonical_nodes,
         )
 
     @property
@@ -259,7 +282,7 @@ class EpochOrder:
         """Samples in the epoch (before the cut to whole global batches)."""
         return self.config.samples_per_epoch
 
-    def num_steps(self, global_batch: int, consumed: int = 0) -> int:
+    def num_steps(self, global_batch: int, *, consumed: int = 0) -> int:
         """Global steps left after `consumed` samples."""
         return (self.num_samples - consumed) // global_batch
 
@@ -268,25 +291,49 @@ class EpochOrder:
         c = self.config
         pieces = self.placement.pieces[stream]
         if not c.resampled:
-            return span_order(pieces, c.span_samples, c.seed, self.epoch, stream)
-        num_positions = c.samples_per_epoch // c.num_canonical_nodes
+            return span_order(
+                pieces, span_samples=c.span_samples, seed=c.seed, epoch=self.epoch, stream=stream
+            )
         return resampled_order(
-            pieces, self.weights, c.span_samples, num_positions, c.seed, self.epoch, stream
+            pieces,
+            weights=self.weights,
+            span_samples=c.span_samples,
+            num_positions=c.samples_per_epoch // c.num_canonical_nodes,
+            seed=c.seed,
+            epoch=self.epoch,
+            stream=stream,
         )
 
     def runs(self, segment: Segment) -> list[Run]:
-        return self.stream(segment.stream).runs(segment.stream, segment.start, segment.stop)
+        return self.stream(segment.stream).runs(
+            stream=segment.stream, start=segment.start, stop=segment.stop
+        )
 
-    def rank_runs(self, consumed: int, global_batch: int, rank: int, batch_size: int) -> list[Run]:
+    def rank_runs(
+        self, *, consumed: int, global_batch: int, rank: int, batch_size: int
+    ) -> list[Run]:
         """Rank `rank`'s batch of the step that starts after `consumed` samples, as runs."""
         segments = rank_segments(
-            consumed, global_batch, rank, batch_size, self.config.num_canonical_nodes
+            consumed=consumed,
+            global_batch=global_batch,
+            rank=rank,
+            batch_size=batch_size,
+            num_canonical_nodes=self.config.num_canonical_nodes,
         )
         return [run for segment in segments for run in self.runs(segment)]
 
 
 @functools.lru_cache(maxsize=2)
 def _placement(
-    shard_sizes: tuple[int, ...], shard_mass: tuple[float, ...], seed: int, num_canonical_nodes: int
+    *,
+    shard_sizes: tuple[int, ...],
+    shard_mass: tuple[float, ...],
+    seed: int,
+    num_canonical_nodes: int,
 ) -> Placement:
-    return Placement(np.asarray(shard_sizes), np.asarray(shard_mass), seed, num_canonical_nodes)
+    return Placement(
+        shard_sizes=np.asarray(shard_sizes),
+        shard_mass=np.asarray(shard_mass),
+        seed=seed,
+        num_canonical_nodes=num_canonical_nodes,
+    )

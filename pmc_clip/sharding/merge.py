@@ -21,13 +21,27 @@ when storage fails.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import fsspec
 
-from pmc_clip import sharding, storage
-from pmc_clip.output_lock import OutputLock
+from pmc_clip import storage
+from pmc_clip.sharding import identities, store
+from pmc_clip.sharding.format import (
+    MANIFEST_FILE,
+    PART_SUMMARY,
+    PROGRESS_DIR,
+    SIZES_FILE,
+    PartSummary,
+    ShardRecord,
+    build_manifest,
+    index_name,
+    write_listings,
+)
+from pmc_clip.sharding.lock import OutputLock
+from pmc_clip.sharding.run import print_summary
 
 # How many missing parts the error names before it only counts them.
 _MISSING_PARTS_SHOWN = 20
@@ -37,13 +51,13 @@ def merge_parts(output: str, retry: storage.RetryPolicy) -> dict[str, Any]:
     """Check every part of `output` and write its listings; return the manifest."""
     storage.refuse_url_credentials("--output", output, written=True)
     started = time.monotonic()
-    fs, root = storage.url_to_fs_for_retries(output, sharding.STORE_TIMEOUT_SECONDS)
-    progress_root = storage.join(root, sharding.PROGRESS_DIR)
+    fs, root = storage.url_to_fs_for_retries(output, store.STORE_TIMEOUT_SECONDS)
+    progress_root = storage.join(root, PROGRESS_DIR)
     where = storage.redact_url(output)
     options_path = storage.join(progress_root, "options.json")
-    if not sharding.exists(fs, options_path, retry):
+    if not store.exists(fs, options_path, retry):
         raise ValueError(f"--output {where} holds no make_shards output (no {options_path})")
-    fingerprint = sharding.read_json(fs, options_path, retry)
+    fingerprint = store.read_json(fs, options_path, retry)
     num_parts = int(fingerprint.get("num_parts", 1))
     if num_parts < 2:
         raise ValueError(
@@ -55,34 +69,30 @@ def merge_parts(output: str, retry: storage.RetryPolicy) -> dict[str, Any]:
         summaries = _read_summaries(fs, root, where, num_parts, retry)
         _check_summaries(summaries, fingerprint, where)
         records = {
-            split: [
-                sharding.ShardRecord(**r)
-                for s in summaries
-                for r in s["records"]
-                if r["split"] == split
-            ]
-            for split in sorted({r["split"] for s in summaries for r in s["records"]})
+            split: [r for s in summaries for r in s.records if r.split == split]
+            for split in sorted({r.split for s in summaries for r in s.records})
         }
         problem = _stored_problem(fs, root, records, retry)
         if problem is not None:
             # A merged manifest from before lists the shard as it was: never leave one
             # naming a shard that is gone or changed.
-            listings = [storage.join(root, name) for name in ("manifest.json", "sizes.json")]
-            removed = [path for path in listings if sharding.exists(fs, path, retry)]
+            listings = [storage.join(root, name) for name in (MANIFEST_FILE, SIZES_FILE)]
+            removed = [path for path in listings if store.exists(fs, path, retry)]
             for path in removed:
-                sharding.delete(fs, path, retry)
+                store.delete(fs, path, retry)
             if removed:
                 problem += "; removed the merged manifest.json and sizes.json, which list it"
             raise ValueError(problem)
-        skips = sorted((skip for s in summaries for skip in s["skipped"]), key=lambda s: s["row"])
-        num_input_rows = summaries[0]["input_rows"]
-        manifest = sharding.build_manifest(fingerprint, records, skips, num_input_rows)
-        manifest["parts"] = num_parts
-        counts = manifest["rows"]
-        assert counts["read"] == counts["written"] + counts["skipped"], counts
-        sharding.write_listings(fs, root, manifest, skips, retry)
-    sharding.print_summary(manifest, time.monotonic() - started, None)
-    return manifest
+        skips = sorted((skip for s in summaries for skip in s.skipped), key=lambda s: s["row"])
+        num_input_rows = summaries[0].input_rows
+        manifest = dataclasses.replace(
+            build_manifest(fingerprint, records, skips, num_input_rows), parts=num_parts
+        )
+        counts = manifest.rows
+        assert counts.read == counts.written + counts.skipped, counts
+        write_listings(fs, root, manifest, skips, retry)
+    print_summary(manifest, time.monotonic() - started, None)
+    return manifest.to_json()
 
 
 def _read_summaries(
@@ -91,13 +101,13 @@ def _read_summaries(
     where: str,
     num_parts: int,
     retry: storage.RetryPolicy,
-) -> list[dict[str, Any]]:
+) -> list[PartSummary]:
     summaries, missing = [], []
     for part in range(num_parts):
-        folder = storage.join(root, sharding.PROGRESS_DIR, f"part-{part:05d}")
-        path = storage.join(folder, sharding.PART_SUMMARY)
-        if sharding.exists(fs, path, retry):
-            summaries.append(sharding.read_json(fs, path, retry))
+        folder = storage.join(root, PROGRESS_DIR, f"part-{part:05d}")
+        path = storage.join(folder, PART_SUMMARY)
+        if store.exists(fs, path, retry):
+            summaries.append(PartSummary.from_json(store.read_json(fs, path, retry)))
         else:
             missing.append(part)
     if missing:
@@ -111,47 +121,45 @@ def _read_summaries(
     return summaries
 
 
-def _check_summaries(
-    summaries: list[dict[str, Any]], fingerprint: dict[str, Any], where: str
-) -> None:
+def _check_summaries(summaries: list[PartSummary], fingerprint: dict[str, Any], where: str) -> None:
     """Every part of one output, made with one set of options, from one input."""
-    input_rows = {s["input_rows"] for s in summaries}
+    input_rows = {s.input_rows for s in summaries}
     if len(input_rows) != 1:
-        by_part = ", ".join(f"part {s['part']}: {s['input_rows']}" for s in summaries)
+        by_part = ", ".join(f"part {s.part}: {s.input_rows}" for s in summaries)
         raise ValueError(
             f"--output {where}: the parts read inputs of different lengths ({by_part}): the "
             "input changed between parts; rerun every part on the final input, then merge"
         )
     for part, summary in enumerate(summaries):
-        if summary["part"] != part or summary["options"] != fingerprint:
+        if summary.part != part or summary.manifest.options != fingerprint:
             raise ValueError(
                 f"--output {where}: part {part}'s summary was made with other options than "
                 "_progress/options.json; rerun that part with the same options"
             )
-        rows = summary["rows"]
-        assert rows["read"] == rows["written"] + rows["skipped"], (part, rows)
-    num_rows = sum(s["rows"]["read"] for s in summaries)
+        rows = summary.manifest.rows
+        assert rows.read == rows.written + rows.skipped, (part, rows)
+    num_rows = sum(s.manifest.rows.read for s in summaries)
     if num_rows != input_rows.pop():
         raise ValueError(
             f"--output {where}: the parts hold {num_rows} rows, the input "
-            f"{summaries[0]['input_rows']}; rerun every part on the final input, then merge"
+            f"{summaries[0].input_rows}; rerun every part on the final input, then merge"
         )
-    skipped_rows = [skip["row"] for s in summaries for skip in s["skipped"]]
+    skipped_rows = [skip["row"] for s in summaries for skip in s.skipped]
     assert len(set(skipped_rows)) == len(skipped_rows), "a skipped row in two parts"
 
 
 def _stored_problem(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    records: dict[str, list[sharding.ShardRecord]],
+    records: dict[str, list[ShardRecord]],
     retry: storage.RetryPolicy,
 ) -> str | None:
     """Whether each recorded shard and its index are in the output as written (one
     listing); else what is wrong with the first that is not, and the part to rerun."""
     shards = [r for split_records in records.values() for r in split_records]
-    names = [name for r in shards for name in (r.name, sharding.index_name(r.name))]
-    stored = sharding.retried(
-        fs, retry, "list", root, lambda: storage.file_identities(fs, root, names)
+    names = [name for r in shards for name in (r.name, index_name(r.name))]
+    stored = store.retried(
+        fs, retry, "list", root, lambda: identities.file_identities(fs, root, names)
     )
     for record in shards:
         part = int(record.name.rsplit("-", 2)[-2].removeprefix("part"))  # ...-partIIIII-NNNNNN.tar
@@ -162,9 +170,9 @@ def _stored_problem(
             problem = (
                 f"changed since it was written ({record.stored} then, {stored[record.name]} now)"
             )
-        elif sharding.index_name(record.name) not in stored:
-            problem = f"has no index {sharding.index_name(record.name)}"
+        elif index_name(record.name) not in stored:
+            problem = f"has no index {index_name(record.name)}"
         if problem is not None:
-            url = storage.redact_url(sharding.where_of(fs, storage.join(root, record.name)))
+            url = storage.redact_url(store.where_of(fs, storage.join(root, record.name)))
             return f"{url} {problem}: rerun --part {part} (it rewrites that shard), then merge"
     return None
