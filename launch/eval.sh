@@ -21,14 +21,8 @@
 #   PMC_CLIP_VENV (<repo>/.venv), PMC_CLIP_PYTHON, PMC_CLIP_ENV_SCRIPT
 set -euo pipefail
 repo="${PMC_CLIP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-venv="${PMC_CLIP_VENV:-$repo/.venv}"
-if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then
-  # shellcheck source=/dev/null
-  source "$PMC_CLIP_ENV_SCRIPT"
-fi
-python="${PMC_CLIP_PYTHON:-$venv/bin/python}"
-[[ -x $python ]] || python="$(command -v python3)"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=python_env.sh source-path=SCRIPTDIR
+source "$repo/launch/python_env.sh"
 checkpoint="${CHECKPOINT:?set CHECKPOINT to a checkpoint file or the checkpoints folder of a run}"
 val_data="${VAL_DATA:?set VAL_DATA to the shards to evaluate on}"
 # A run's checkpoints/ folder: the checkpoint its latest.json names.

@@ -105,14 +105,8 @@ if [[ -z ${SLURM_JOB_ID:-} && $step == part ]]; then
 fi
 
 # ------------------------------------------------ a part (array task) or the merge
-venv="${PMC_CLIP_VENV:-$repo/.venv}"
-if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then
-  # shellcheck source=/dev/null
-  source "$PMC_CLIP_ENV_SCRIPT"
-fi
-python="${PMC_CLIP_PYTHON:-$venv/bin/python}"
-[[ -x $python ]] || python="$(command -v python3)"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=python_env.sh source-path=SCRIPTDIR
+source "$repo/launch/python_env.sh"
 read -r -a extra <<<"${MAKE_SHARDS_ARGS:-}"
 
 if [[ $step == merge ]]; then

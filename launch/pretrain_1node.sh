@@ -26,14 +26,8 @@
 #   PMC_CLIP_DEVICE (cuda with GPUs, else cpu); DIST_BACKEND (nccl with GPUs, else gloo)
 set -euo pipefail
 repo="${PMC_CLIP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-venv="${PMC_CLIP_VENV:-$repo/.venv}"
-if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then
-  # shellcheck source=/dev/null
-  source "$PMC_CLIP_ENV_SCRIPT"
-fi
-python="${PMC_CLIP_PYTHON:-$venv/bin/python}"
-[[ -x $python ]] || python="$(command -v python3)"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=python_env.sh source-path=SCRIPTDIR
+source "$repo/launch/python_env.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
 if [[ -z ${NPROC_PER_NODE:-} || -z ${PMC_CLIP_DEVICE:-} ]]; then

@@ -95,13 +95,8 @@ EXIT_CODE_PREEMPTED=3
 
 : "${SLURM_JOB_ID:?run this with sbatch (or inside an salloc allocation)}"
 repo="${PMC_CLIP_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
-venv="${PMC_CLIP_VENV:-$repo/.venv}"
-if [[ -n ${PMC_CLIP_ENV_SCRIPT:-} ]]; then
-  # shellcheck source=/dev/null
-  source "$PMC_CLIP_ENV_SCRIPT"
-fi
-python="${PMC_CLIP_PYTHON:-$venv/bin/python}"
-[[ -x $python ]] || python="$(command -v python3)"
+# shellcheck source=python_env.sh source-path=SCRIPTDIR
+source "$repo/launch/python_env.sh"
 
 # (A brace pattern cannot sit inside ${VAR:-...}: its `}` would end the expansion.)
 default_train_data='s3://bucket/pmc-oa/pmc-oa-train-{000000..000164}.tar'
@@ -120,8 +115,6 @@ head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 export MASTER_ADDR="$head_node"
 export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
-# The repository's package wins over an older installed copy.
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 entry="${PMC_CLIP_ENTRY:-pmc_clip.train}"
 if [[ $entry == *.py ]]; then entry_args=("$entry"); else entry_args=(-m "$entry"); fi

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from helpers_text import build_tokenizer
 
-from pmc_clip import storage
+from pmc_clip import process_owner
 from pmc_clip.config import DataConfig
 from pmc_clip.sharding.options import ShardOptions
 from pmc_clip.sharding.plan import make_key
@@ -123,10 +123,12 @@ def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     return True
 
 
-def killed_process_owner() -> storage.ProcessOwner:
+def killed_process_owner() -> process_owner.ProcessOwner:
     """The identity of a process of this host killed with -9 (and reaped)."""
     proc = subprocess.Popen(["sleep", "60"])
-    owner = storage.ProcessOwner(socket.gethostname(), proc.pid, storage._process_start(proc.pid))
+    owner = process_owner.ProcessOwner(
+        socket.gethostname(), proc.pid, process_owner.process_start(proc.pid)
+    )
     proc.kill()
     proc.wait()
     assert owner.start is not None and owner.is_gone()

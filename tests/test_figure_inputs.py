@@ -589,3 +589,13 @@ def test_figures_not_shrunk_are_fully_decoded_and_kept_byte_for_byte(
     png = check_figure(_png(_textured(1000, 600)), FigureOptions(resize_max_side=512))
     assert isinstance(png, Figure) and (png.ext, png.width, png.height) == ("png", 512, 307)
     assert drafts == []
+
+
+def test_an_unreadable_figure_s_detail_is_the_same_on_every_run() -> None:
+    """PIL's message names the in-memory file by its address; skipped.jsonl must not
+    (two runs, or parts run by hand and under SLURM, write the same bytes)."""
+    details = {
+        check_figure(b"\x89PNG\r\n\x1a\nnot a png", FigureOptions()).detail  # type: ignore[union-attr]
+        for _ in range(2)
+    }
+    assert details == {"UnidentifiedImageError: cannot identify image file"}

@@ -22,7 +22,7 @@ import pytest
 from helpers_data import killed_process_owner, make_figures
 from PIL import Image
 
-from pmc_clip import storage
+from pmc_clip import process_owner, storage
 from pmc_clip.sharding import lock as output_lock
 from pmc_clip.sharding.cli import main
 from pmc_clip.sharding.options import ShardOptions
@@ -401,7 +401,7 @@ def test_staged_uploads_of_killed_runs_are_removed_and_no_one_elses(
     dead = killed_process_owner()
     staged = {
         "killed": f"pmc_clip-upload+{dead.tag()}+k1",
-        "live": f"pmc_clip-upload+{storage.ProcessOwner.current().tag()}+l1",
+        "live": f"pmc_clip-upload+{process_owner.ProcessOwner.current().tag()}+l1",
         "other host": f"pmc_clip-upload+elsewhere+{dead.pid}+{dead.start}+o1",
         "not ours": "pmc_clip-upload-abc",
     }

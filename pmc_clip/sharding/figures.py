@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 import zipfile
 import zlib
@@ -75,6 +76,7 @@ _TRANSPOSING_ORIENTATIONS = range(5, 9)
 # ELOOP...), or a zip member's data (bad CRC or local header, broken deflate stream,
 # compressed data ending early, a compression method zipfile lacks).
 _READ_ERRORS = (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+_OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 # zipfile's flag bit for an encrypted member (reading it needs a password).
 _ZIP_ENCRYPTED_FLAG = 0x1
 
@@ -234,7 +236,10 @@ def check_figure(data: bytes, options: FigureOptions) -> Figure | FigureError:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return FigureError("decompression_bomb", str(e))
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
-        return FigureError("unreadable_image", f"{type(e).__name__}: {e}")
+        # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f..>"),
+        # which would make skipped.jsonl differ between two runs over the same input.
+        detail = _OBJECT_ADDRESS.sub("", f"{type(e).__name__}: {e}")
+        return FigureError("unreadable_image", detail)
     fmt = image.format or "unknown"
     mode = image.mode
     conversions: list[str] = []

@@ -33,7 +33,7 @@ from typing import Any
 
 import fsspec
 
-from pmc_clip import storage
+from pmc_clip import process_owner, storage
 
 HEARTBEAT_SECONDS = 60.0
 EXPIRY_SECONDS = 600.0  # ten missed heartbeats
@@ -54,7 +54,7 @@ class OutputLock:
         self.local = storage.is_local(fs)
         self.path = storage.join(folder, "lock" if self.local else "lock.json")
         self.url = storage.redact_url(fs.unstrip_protocol(self.path))
-        owner = storage.ProcessOwner.current()
+        owner = process_owner.ProcessOwner.current()
         self.record = {
             "host": owner.host,
             "pid": owner.pid,
@@ -241,7 +241,7 @@ def _is_stale(holder: dict[str, Any], modified: datetime.datetime) -> bool:
     if _now() - modified > datetime.timedelta(seconds=EXPIRY_SECONDS):
         return True
     try:
-        owner = storage.ProcessOwner(
+        owner = process_owner.ProcessOwner(
             str(holder["host"]), int(holder["pid"]), holder.get("pid_start")
         )
     except (KeyError, TypeError, ValueError):
