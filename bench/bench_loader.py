@@ -266,6 +266,7 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
     from PIL import Image
 
     from pmc_clip import shard_index, transforms
+    from pmc_clip.config import DataConfig
     from pmc_clip.data import shard_reader
     from pmc_clip.data.batches import BatchBuilder
     from pmc_clip.data.decode import KEPT_EXTENSIONS, sample_rng
@@ -298,6 +299,7 @@ def run_breakdown(pattern: str, tokenizer_dir: Path, num_shards: int = 10) -> di
             shard_reader.ShardFilesystems(shard_reader.ShardReadOptions()),
             shard_reader.ShardReadCounters(),
             KEPT_EXTENSIONS,
+            DataConfig.max_member_bytes,
         )
         start = time.perf_counter()
         samples = [sample for result in reader.read_all(runs) for sample in result.samples]
