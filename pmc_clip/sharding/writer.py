@@ -218,6 +218,11 @@ class ShardWriterState:
                         stream.close()
             os.unlink(self._staged)
             self._staged, self._file, self._tar = None, None, None
+        elif storage.is_local(self.fs):
+            # A Ctrl-C between the staged file's creation (mkstemp) and `self._staged` being
+            # set leaves a file this writer does not know by name: only it writes this
+            # shard's name, so its staged files go by their pattern.
+            storage.remove_stale_staging_files(self.fs, self.root, os.path.basename(self._dest()))
         self._publisher.shutdown(wait=True)
 
 
