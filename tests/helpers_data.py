@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import tarfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,20 @@ def write_shards(jsonl: str, images: str, output: str, shard_size: int) -> dict[
             split_fractions=(("train", 1.0),),
         )
     )
+
+
+def sample_metadata(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(shard name, the sample's `.json`) for every sample of every shard in `folder`, in
+    shard order: where each input row was written (its `row`, `split`, `article_id`)."""
+    samples = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    file = tar.extractfile(member)
+                    assert file is not None
+                    samples.append((shard.name, json.loads(file.read())))
+    return samples
 
 
 def all_keys(manifest: dict[str, Any], jsonl: str) -> set[str]:

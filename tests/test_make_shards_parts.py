@@ -10,7 +10,7 @@ from typing import Any
 
 import braceexpand
 import pytest
-from helpers_data import make_figures
+from helpers_data import make_figures, sample_metadata
 
 from pmc_clip.sharding import inspect as inspect_shards
 from pmc_clip.sharding.cli import main
@@ -49,18 +49,11 @@ def _part(jsonl: Path, images: Path, out: Path | str, part: int, *extra: str) ->
 
 
 def _written(out: Path) -> dict[int, tuple[str, str, str]]:
-    """row -> (shard, split, article) of every sample in the shards of out/manifest.json."""
-    manifest = json.loads((out / "manifest.json").read_text())
+    """row -> (shard, split, article) of every sample in the shards of `out`."""
     written: dict[int, tuple[str, str, str]] = {}
-    for shard in manifest["shards"]:
-        with tarfile.open(out / shard["name"]) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    file = tar.extractfile(member)
-                    assert file is not None
-                    meta = json.loads(file.read())
-                    assert meta["row"] not in written, f"row {meta['row']} written twice"
-                    written[meta["row"]] = (shard["name"], meta["split"], meta["article_id"])
+    for shard, meta in sample_metadata(out):
+        assert meta["row"] not in written, f"row {meta['row']} written twice"
+        written[meta["row"]] = (shard, meta["split"], meta["article_id"])
     return written
 
 
@@ -143,7 +136,7 @@ def test_merge_checks_the_shards_and_a_changed_part_unlists_the_merge(
     lost.unlink()
     capsys.readouterr()
     assert _run("--merge", "--output", out) == 2
-    assert f"{lost.name} is missing: rerun --part 1" in capsys.readouterr().err
+    assert f"{lost.name}: the recorded shard is missing: rerun --part 1" in capsys.readouterr().err
     assert not (out / "manifest.json").exists() and not (out / "sizes.json").exists()
     assert _part(jsonl, images, out, 1) == 0
     assert lost.exists()

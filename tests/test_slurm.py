@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -407,17 +406,6 @@ def output_files(folder: Path) -> dict[str, str]:
     }
 
 
-def shard_rows(folder: Path) -> list[int]:
-    """The input row of every sample of every shard in `folder` (the `.json` members)."""
-    rows = []
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    rows.append(json.loads(tar.extractfile(member).read())["row"])  # type: ignore[union-attr]
-    return rows
-
-
 def test_make_shards_array_part_killed_resubmitted_and_merged(
     slurm_cluster: None, tmp_path: Path
 ) -> None:
@@ -532,7 +520,9 @@ def test_make_shards_array_part_killed_resubmitted_and_merged(
         assert (stat.st_ino, stat.st_mtime_ns) == identity, name
 
     # Every input row in exactly one shard or in skipped.jsonl.
-    written = shard_rows(out)
+    from helpers_data import sample_metadata
+
+    written = [meta["row"] for _, meta in sample_metadata(out)]
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert len(written) == len(set(written)), "a row in two shards"
     assert {s["row"]: s["reason"] for s in skipped} == bad_rows

@@ -40,6 +40,17 @@ SKIPPED_FILE = "skipped.jsonl"
 LISTING_FILES = (SIZES_FILE, MANIFEST_FILE)
 
 
+def merged_listing_paths(out_root: str) -> list[str]:
+    """The output's manifest.json and sizes.json: what lists every shard (of every part,
+    once merged), removed before any shard they list is rewritten or found gone."""
+    return [storage.join(out_root, name) for name in (MANIFEST_FILE, SIZES_FILE)]
+
+
+def part_folder(out_root: str, part: int) -> str:
+    """Part `part`'s progress records, lock and summary (`make_shards --part`)."""
+    return storage.join(out_root, PROGRESS_DIR, f"part-{part:05d}")
+
+
 def shard_name(stem: str, index: int) -> str:
     """`stem` is `ShardOptions.shard_stem(split)`."""
     return f"{stem}-{index:06d}.tar"

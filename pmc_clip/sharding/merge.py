@@ -30,17 +30,17 @@ import fsspec
 from pmc_clip import storage
 from pmc_clip.sharding import identities, store
 from pmc_clip.sharding.format import (
-    MANIFEST_FILE,
     PART_SUMMARY,
     PROGRESS_DIR,
-    SIZES_FILE,
     PartSummary,
-    ShardRecord,
     build_manifest,
     index_name,
+    merged_listing_paths,
+    part_folder,
     write_listings,
 )
 from pmc_clip.sharding.lock import OutputLock
+from pmc_clip.sharding.progress import stored_problem
 from pmc_clip.sharding.run import print_summary
 
 # How many missing parts the error names before it only counts them.
@@ -72,15 +72,11 @@ def merge_parts(output: str, retry: storage.RetryPolicy) -> dict[str, Any]:
             split: [r for s in summaries for r in s.records if r.split == split]
             for split in sorted({r.split for s in summaries for r in s.records})
         }
-        problem = _stored_problem(fs, root, records, retry)
+        problem = _stored_problem(fs, root, summaries, retry)
         if problem is not None:
             # A merged manifest from before lists the shard as it was: never leave one
             # naming a shard that is gone or changed.
-            listings = [storage.join(root, name) for name in (MANIFEST_FILE, SIZES_FILE)]
-            removed = [path for path in listings if store.exists(fs, path, retry)]
-            for path in removed:
-                store.delete(fs, path, retry)
-            if removed:
+            if store.delete_present(fs, merged_listing_paths(root), retry):
                 problem += "; removed the merged manifest.json and sizes.json, which list it"
             raise ValueError(problem)
         skips = sorted((skip for s in summaries for skip in s.skipped), key=lambda s: s["row"])
@@ -104,15 +100,18 @@ def _read_summaries(
 ) -> list[PartSummary]:
     summaries, missing = [], []
     for part in range(num_parts):
-        folder = storage.join(root, PROGRESS_DIR, f"part-{part:05d}")
-        path = storage.join(folder, PART_SUMMARY)
+        path = storage.join(part_folder(root, part), PART_SUMMARY)
         if store.exists(fs, path, retry):
             summaries.append(PartSummary.from_json(store.read_json(fs, path, retry)))
         else:
             missing.append(part)
     if missing:
         shown = ",".join(str(p) for p in missing[:_MISSING_PARTS_SHOWN])
-        more = f" and {len(missing) - _MISSING_PARTS_SHOWN} more" if len(missing) > 20 else ""
+        more = (
+            f" and {len(missing) - _MISSING_PARTS_SHOWN} more"
+            if len(missing) > _MISSING_PARTS_SHOWN
+            else ""
+        )
         raise ValueError(
             f"--output {where}: {len(missing)} of {num_parts} parts have not finished "
             f"(--part {shown}{more}); run them again (the same command resumes each, e.g. "
@@ -151,28 +150,22 @@ def _check_summaries(summaries: list[PartSummary], fingerprint: dict[str, Any], 
 def _stored_problem(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    records: dict[str, list[ShardRecord]],
+    summaries: list[PartSummary],
     retry: storage.RetryPolicy,
 ) -> str | None:
     """Whether each recorded shard and its index are in the output as written (one
-    listing); else what is wrong with the first that is not, and the part to rerun."""
-    shards = [r for split_records in records.values() for r in split_records]
-    names = [name for r in shards for name in (r.name, index_name(r.name))]
+    listing, checked as a resuming part checks them); else what is wrong with the first
+    that is not, and the part to rerun."""
+    names = [name for s in summaries for r in s.records for name in (r.name, index_name(r.name))]
     stored = store.retried(
         fs, retry, "list", root, lambda: identities.file_identities(fs, root, names)
     )
-    for record in shards:
-        part = int(record.name.rsplit("-", 2)[-2].removeprefix("part"))  # ...-partIIIII-NNNNNN.tar
-        problem = None
-        if record.name not in stored:
-            problem = "is missing"
-        elif stored[record.name] != record.stored:
-            problem = (
-                f"changed since it was written ({record.stored} then, {stored[record.name]} now)"
-            )
-        elif index_name(record.name) not in stored:
-            problem = f"has no index {index_name(record.name)}"
-        if problem is not None:
-            url = storage.redact_url(store.where_of(fs, storage.join(root, record.name)))
-            return f"{url} {problem}: rerun --part {part} (it rewrites that shard), then merge"
+    for summary in summaries:
+        for record in summary.records:
+            if (problem := stored_problem(record, stored)) is not None:
+                url = storage.redact_url(store.where_of(fs, storage.join(root, record.name)))
+                return (
+                    f"{url}: {problem}: rerun --part {summary.part} (it rewrites that "
+                    "shard), then merge"
+                )
     return None

@@ -12,7 +12,7 @@ from typing import Any
 from pmc_clip import storage
 from pmc_clip.flags import option
 from pmc_clip.sharding.figures import FigureOptions
-from pmc_clip.sharding.format import PROGRESS_DIR
+from pmc_clip.sharding.format import PROGRESS_DIR, part_folder
 from pmc_clip.sharding.store import upload_retry_policy
 
 # Shard and split names: letters, digits, '_' and '-' (a key, a file name, a brace pattern).
@@ -108,8 +108,9 @@ class ShardOptions:
     def progress_folder(self, out_root: str) -> str:
         """Where this run's progress records and lock live: one folder per part, so parts
         run side by side, each resuming on its own."""
-        folder = storage.join(out_root, PROGRESS_DIR)
-        return storage.join(folder, f"part-{self.part:05d}") if self.is_part else folder
+        if self.is_part:
+            return part_folder(out_root, self.part)
+        return storage.join(out_root, PROGRESS_DIR)
 
     def retry_policy(self) -> storage.RetryPolicy:
         return upload_retry_policy(self.upload_max_attempts, self.upload_backoff_seconds)

@@ -26,17 +26,24 @@ import fsspec
 from pmc_clip import storage
 from pmc_clip.sharding import identities
 from pmc_clip.sharding.format import (
-    MANIFEST_FILE,
     PART_SUMMARY,
     PROGRESS_DIR,
-    SIZES_FILE,
     ShardRecord,
     index_name,
+    merged_listing_paths,
     shard_name,
 )
 from pmc_clip.sharding.options import ShardOptions
 from pmc_clip.sharding.plan import PlannedSample
-from pmc_clip.sharding.store import delete, exists, list_folder, read_json, retried, write_json
+from pmc_clip.sharding.store import (
+    delete,
+    delete_present,
+    exists,
+    list_folder,
+    read_json,
+    retried,
+    write_json,
+)
 
 
 def input_digests(
@@ -159,19 +166,28 @@ def _first_stale(
             )
         elif record.figures_sha256 != figures_sha256:
             reason = "one of its figures changed since it was written (size, mtime, ETag or CRC)"
-        elif record.name not in stored:
-            reason = "the recorded shard is missing"
-        elif stored[record.name] != record.stored:
-            reason = (
-                f"the shard changed since it was recorded ({record.stored} then, "
-                f"{stored[record.name]} now)"
-            )
-        elif index_name(record.name) not in stored:
-            reason = f"its index {index_name(record.name)} is missing"
+        elif (problem := stored_problem(record, stored)) is not None:
+            reason = problem
         else:
             continue
         return i, reason
     return len(records), ""
+
+
+def stored_problem(record: ShardRecord, stored: dict[str, str]) -> str | None:
+    """What is wrong with `record`'s shard in the output (`stored`: identities from one
+    listing, identities.file_identities): missing, changed since it was recorded, or
+    without its index; None when it is as recorded. Resume and --merge both ask."""
+    if record.name not in stored:
+        return "the recorded shard is missing"
+    if stored[record.name] != record.stored:
+        return (
+            f"the shard changed since it was recorded ({record.stored} then, "
+            f"{stored[record.name]} now)"
+        )
+    if index_name(record.name) not in stored:
+        return f"its index {index_name(record.name)} is missing"
+    return None
 
 
 def _tail_matches(
@@ -211,9 +227,7 @@ def discard_shards(
         )
 
     tail = storage.join(progress_root, f"{split}.complete.json")
-    for path in [*listing_paths(out_root, options), tail]:
-        if exists(out_fs, path, retry):
-            delete(out_fs, path, retry)
+    delete_present(out_fs, [*listing_paths(out_root, options), tail], retry)
     for path in [*doomed(progress_root), *doomed(out_root)]:  # listed: they exist
         delete(out_fs, path, retry)
 
@@ -221,7 +235,7 @@ def discard_shards(
 def listing_paths(out_root: str, options: ShardOptions) -> list[str]:
     """What lists shards: the output's manifest.json and sizes.json (a part's shards are
     listed there too once merged), and a part's summary."""
-    paths = [storage.join(out_root, name) for name in (MANIFEST_FILE, SIZES_FILE)]
+    paths = merged_listing_paths(out_root)
     if options.is_part:
         paths.append(storage.join(options.progress_folder(out_root), PART_SUMMARY))
     return paths

@@ -58,7 +58,7 @@ from pmc_clip.sharding.progress import input_digests, listing_paths, load_progre
 from pmc_clip.sharding.rows import Skip, read_rows
 from pmc_clip.sharding.store import (
     STORE_TIMEOUT_SECONDS,
-    delete,
+    delete_present,
     exists,
     read_json,
     retried,
@@ -189,9 +189,7 @@ def _write_part_summary(
     document = summary.to_json()
     if exists(fs, path, retry) and read_json(fs, path, retry) == document:
         return
-    for listing in listing_paths(out_root, options):
-        if exists(fs, listing, retry):
-            delete(fs, listing, retry)
+    delete_present(fs, listing_paths(out_root, options), retry)
     write_json(fs, path, document, retry)
 
 

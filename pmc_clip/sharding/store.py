@@ -73,3 +73,13 @@ def list_folder(
 
 def delete(fs: fsspec.AbstractFileSystem, path: str, retry: storage.RetryPolicy) -> None:
     retried(fs, retry, "delete", path, lambda: fs.rm_file(path))
+
+
+def delete_present(
+    fs: fsspec.AbstractFileSystem, paths: list[str], retry: storage.RetryPolicy
+) -> list[str]:
+    """Delete those of `paths` that exist; return them."""
+    present = [path for path in paths if exists(fs, path, retry)]
+    for path in present:
+        delete(fs, path, retry)
+    return present
